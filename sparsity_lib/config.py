@@ -1,0 +1,74 @@
+"""Run-time settings shared by every chapter: seeds, threads and the FAST / FULL scale.
+
+The book runs at two scales with the *same code path*:
+
+* ``fast`` (the default, and what CI runs): every chapter finishes in at most 60 s on two CPU cores;
+* ``full``: bigger models, more epochs and more seeds, for readers with more time or a GPU.
+
+The scale is read once from the environment variable ``SPARSITY_SCALE`` (``fast`` or ``full``)::
+
+    SPARSITY_SCALE=full make book
+
+A chapter asks for a size with :func:`pick`, e.g. ``epochs = sl.config.pick(fast=10, full=60)``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+ENV_VAR = "SPARSITY_SCALE"
+SCALES = ("fast", "full")
+
+
+def _read_scale() -> str:
+    value = os.environ.get(ENV_VAR, "fast").strip().lower() or "fast"
+    if value not in SCALES:
+        raise ValueError(f"{ENV_VAR} must be one of {SCALES}, got {value!r}")
+    return value
+
+
+SCALE: str = _read_scale()
+FAST: bool = SCALE == "fast"
+FULL: bool = not FAST
+DEVICE: torch.device = torch.device("cuda" if (FULL and torch.cuda.is_available()) else "cpu")
+
+
+def pick(fast, full):
+    """Return ``fast`` at FAST scale and ``full`` at FULL scale (any type: epochs, seed lists, widths)."""
+    return fast if FAST else full
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch so a run can be repeated exactly (on one machine)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def setup(seed: int = 0, threads: int | None = None, quiet: bool = False) -> str:
+    """The first call of every chapter: seeds, thread count, deterministic kernels; returns a one-line summary.
+
+    ``threads`` defaults to the number of cores, at most 2 at FAST scale (the CI machine has two), so timings in
+    the book are comparable.
+    """
+    seed_everything(seed)
+    if threads is None:
+        threads = min(2, os.cpu_count() or 1) if FAST else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    except Exception:  # pragma: no cover - older torch
+        pass
+    summary = f"sparsity_lib: scale={SCALE}, device={DEVICE.type}, threads={threads}, seed={seed}, torch {torch.__version__}"
+    if not quiet:
+        print(summary)
+    return summary
+
+
+def progress_enabled() -> bool:
+    """Progress bars are shown to a learner at a terminal or notebook, never under CI or in the book build."""
+    return os.environ.get("CI", "").lower() not in ("1", "true", "yes") and os.environ.get("SPARSITY_QUIET", "") == ""

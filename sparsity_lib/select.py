@@ -1,0 +1,236 @@
+"""Selection: from scores (higher = keep) to boolean masks, for every scope and structure of the book.
+
+This is step 2 of the pipeline *score -> select -> mask* (DESIGN.md). Everything here is a pure function of
+tensors: no model is touched.
+
+Structures (survey §3.1 "structured vs unstructured", §8.4 and Mishra et al. {cite}`mishra2021accelerating`
+for N:M):
+
+* ``None``: unstructured, every weight is its own group;
+* ``"neuron"``: a group is an output row of a Linear layer, or an output channel of a convolution;
+* ``("block", r, c)``: a group is an ``r x c`` tile of the weight viewed as ``(out, fan_in)``;
+* ``(n, m)``: N:M, at most ``n`` nonzeros in every run of ``m`` consecutive weights along the flattened input
+  dimension (the pattern of sparse tensor cores).
+
+A group's score is the mean score of its surviving weights, which keeps scores comparable between layers of
+different fan-in under global selection.
+
+Selection is cumulative: weights already masked stay masked and count towards the target, so
+``prune(model, 0.9)`` after ``prune(model, 0.5)`` ends at 90% sparsity, never below.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Sequence, Tuple, Union
+
+import torch
+
+Structure = Union[None, str, Tuple[int, int], Tuple[str, int, int]]
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
+    """Return ``sparsity`` as a float after checking it lies in [0, 1) (NaN and booleans are rejected)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {sparsity!r}")
+    sparsity = float(sparsity)
+    if math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (the fraction of weights removed), got {sparsity!r}")
+    return sparsity
+
+
+def check_structure(structure) -> Structure:
+    """Validate a ``structure`` argument and return it in canonical form."""
+    allowed = "None, 'neuron', (n, m) with 0 < n < m for N:M, or ('block', rows, cols)"
+    if structure is None or structure == "unstructured":
+        return None
+    if isinstance(structure, str):
+        if structure in ("neuron", "channel"):
+            return "neuron"
+        raise ValueError(f"structure must be one of {allowed}; got {structure!r}")
+    if isinstance(structure, (tuple, list)):
+        if len(structure) == 3 and structure[0] == "block":
+            r, c = structure[1], structure[2]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (r, c)):
+                raise ValueError(f"structure ('block', rows, cols) needs positive integers, got {structure!r}")
+            return ("block", int(r), int(c))
+        if len(structure) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in structure):
+            n, m = structure
+            if not (0 < n < m):
+                raise ValueError(f"structure (n, m) for N:M needs 0 < n < m, got n={n}, m={m}")
+            return (int(n), int(m))
+    raise ValueError(f"structure must be one of {allowed}; got {structure!r}")
+
+
+def is_n_m(structure: Structure) -> bool:
+    return isinstance(structure, tuple) and len(structure) == 2
+
+
+# ------------------------------------------------------------------------------------------------- groups
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """View a weight as (out, fan_in): Linear is already 2-D, a convolution flattens (in, k1, k2, ...)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def group_view(scores: torch.Tensor, alive: torch.Tensor, structure: Structure, name: str = "weight"):
+    """Group scores and alive counts of one layer, and a function that maps kept groups back to a mask.
+
+    Returns ``(group_scores, group_alive, expand)``: ``group_scores[g]`` is the mean score over the surviving
+    weights of group g (``-inf`` if none survive), ``group_alive[g]`` their number, and ``expand(keep_groups)``
+    turns a boolean vector over groups into an element mask shaped like the weight.
+    """
+    shape = scores.shape
+    s = scores.detach().float()
+    a = alive
+    if structure is None:
+        flat_s, flat_a = s.reshape(-1), a.reshape(-1)
+        group_scores = torch.where(flat_a, flat_s, torch.full_like(flat_s, -math.inf))
+        return group_scores, flat_a.long(), lambda keep: keep.reshape(shape)
+    if structure == "neuron":
+        rows_s, rows_a = _as_rows(s), _as_rows(a)
+        group_alive = rows_a.sum(1)
+        sums = torch.where(rows_a, rows_s, torch.zeros_like(rows_s)).sum(1)
+        group_scores = torch.where(group_alive > 0, sums / group_alive.clamp(min=1), torch.full_like(sums, -math.inf))
+        cols = rows_s.shape[1]
+        return group_scores, group_alive, lambda keep: keep[:, None].expand(-1, cols).reshape(shape)
+    if isinstance(structure, tuple) and structure[0] == "block":
+        _, r, c = structure
+        rows_s, rows_a = _as_rows(s), _as_rows(a)
+        out, fan_in = rows_s.shape
+        if out % r or fan_in % c:
+            raise ValueError(
+                f"structure ('block', {r}, {c}) does not tile {name} viewed as ({out}, {fan_in}): "
+                f"the rows must be a multiple of {r} and the columns of {c}"
+            )
+        tiles_s = rows_s.reshape(out // r, r, fan_in // c, c).permute(0, 2, 1, 3).reshape(out // r, fan_in // c, r * c)
+        tiles_a = rows_a.reshape(out // r, r, fan_in // c, c).permute(0, 2, 1, 3).reshape(out // r, fan_in // c, r * c)
+        group_alive = tiles_a.sum(-1).reshape(-1)
+        sums = torch.where(tiles_a, tiles_s, torch.zeros_like(tiles_s)).sum(-1).reshape(-1)
+        group_scores = torch.where(group_alive > 0, sums / group_alive.clamp(min=1), torch.full_like(sums, -math.inf))
+
+        def expand(keep):
+            k = keep.reshape(out // r, 1, fan_in // c, 1).expand(-1, r, -1, c)
+            return k.reshape(out, fan_in).reshape(shape)
+
+        return group_scores, group_alive, expand
+    raise ValueError(f"group_view does not handle structure {structure!r}")
+
+
+def _choose_removed(group_scores: torch.Tensor, group_alive: torch.Tensor, to_remove: int) -> torch.Tensor:
+    """Boolean vector of groups to remove: the lowest-scoring surviving groups whose sizes add up closest to
+    ``to_remove`` (exactly ``to_remove`` when every group is one weight)."""
+    removed = torch.zeros_like(group_alive, dtype=torch.bool)
+    if to_remove <= 0:
+        return removed
+    candidates = torch.nonzero(group_alive > 0).reshape(-1)
+    order = candidates[torch.sort(group_scores[candidates], stable=True).indices]
+    sizes = torch.cumsum(group_alive[order], 0)
+    idx = int(torch.searchsorted(sizes, torch.tensor([to_remove], dtype=sizes.dtype))[0])
+    if idx >= len(order):
+        take = len(order)
+    else:
+        over = int(sizes[idx]) - to_remove            # removing idx+1 groups overshoots by this much
+        under = to_remove - (int(sizes[idx - 1]) if idx > 0 else 0)  # removing idx groups falls short by this
+        take = idx + 1 if over <= under else idx
+    removed[order[:take]] = True
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def _check_scores(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]):
+    for name, s in scores.items():
+        if name not in current:
+            raise ValueError(f"scores: unknown layer name {name!r}; prunable weights are {list(current)}")
+        if tuple(s.shape) != tuple(current[name].shape):
+            raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}, the weight has {tuple(current[name].shape)}")
+        if torch.isnan(s).any():
+            raise ValueError(f"scores[{name!r}] contains NaN: the scoring method failed on this layer")
+
+
+def n_m_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], n: int, m: int):
+    """N:M masks: in every run of ``m`` consecutive weights along the flattened input dimension keep the ``n``
+    with the highest score (weights already masked are removed first)."""
+    masks = {}
+    for name, s in scores.items():
+        alive = current[name]
+        rows_s, rows_a = _as_rows(s.detach().float()), _as_rows(alive)
+        out, fan_in = rows_s.shape
+        if fan_in % m:
+            raise ValueError(f"structure ({n}, {m}): the input dimension of {name} ({fan_in}) is not a multiple of m={m}")
+        g = torch.where(rows_a, rows_s, torch.full_like(rows_s, -math.inf)).reshape(out, fan_in // m, m)
+        top = torch.topk(g, n, dim=-1).indices
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, top, True)
+        masks[name] = (keep.reshape(out, fan_in) & rows_a).reshape(s.shape)
+    return masks
+
+
+def layerwise_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor],
+                    sparsities: Mapping[str, float], structure: Structure = None) -> Dict[str, torch.Tensor]:
+    """Each layer keeps its highest-scoring weights (or groups) so that its sparsity becomes ``sparsities[name]``.
+
+    ``current`` holds the masks already on the model (all-True for none); layers missing from ``sparsities``
+    keep their current mask. The number removed in a layer of ``p`` weights is ``round(s * p)``, as in
+    ``torch.nn.utils.prune``.
+    """
+    structure = check_structure(structure)
+    _check_scores(scores, current)
+    masks = {}
+    for name, s in scores.items():
+        if name not in sparsities:
+            masks[name] = current[name].clone()
+            continue
+        alive = current[name]
+        target_removed = round(sparsities[name] * alive.numel())
+        to_remove = target_removed - int((~alive).sum())
+        gs, ga, expand = group_view(s, alive, structure, name)
+        removed = _choose_removed(gs, ga, to_remove)
+        masks[name] = expand(~removed) & alive
+    return masks
+
+
+def global_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], sparsity: float,
+                 structure: Structure = None, exclude: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """Rank the weights (or groups) of all layers together and remove the lowest-scoring ones until
+    ``round(sparsity * total)`` of all prunable weights are zero.
+
+    Layers in ``exclude`` keep their current masks but still count in the total, so ``sparsity`` is always the
+    fraction of *all* prunable weights removed.
+    """
+    structure = check_structure(structure)
+    _check_scores(scores, current)
+    names = [n for n in scores if n not in set(exclude)]
+    total = sum(current[n].numel() for n in current)
+    already = sum(int((~current[n]).sum()) for n in current)
+    to_remove = round(sparsity * total) - already
+    available = sum(int(current[n].sum()) for n in names)
+    if to_remove > available:
+        raise ValueError(
+            f"sparsity={sparsity} cannot be reached: with the layers in exclude kept as they are, at most "
+            f"{(already + available) / total:.4f} of the prunable weights can be removed"
+        )
+    views = {n: group_view(scores[n], current[n], structure, n) for n in names}
+    if not names:
+        return {n: current[n].clone() for n in current}
+    all_scores = torch.cat([views[n][0] for n in names])
+    all_alive = torch.cat([views[n][1] for n in names])
+    removed = _choose_removed(all_scores, all_alive, to_remove)
+    masks, offset = {}, 0
+    for n in current:
+        if n not in views:
+            masks[n] = current[n].clone()
+            continue
+        gs, _, expand = views[n]
+        masks[n] = expand(~removed[offset:offset + len(gs)]) & current[n]
+        offset += len(gs)
+    return masks
+
+
+def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the ``keep`` highest entries of one tensor (a convenience for chapters and tests)."""
+    if not 0 <= keep <= scores.numel():
+        raise ValueError(f"keep must be in [0, {scores.numel()}], got {keep}")
+    out = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if keep:
+        out[torch.topk(scores.reshape(-1), keep).indices] = True
+    return out.reshape(scores.shape)
