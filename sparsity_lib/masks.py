@@ -165,6 +165,8 @@ def remove_masks(model: nn.Module) -> nn.Module:
     for module in _prunable_modules(model).values():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            # Linear and Conv register weight before bias: restore that order so state_dict keys read as before
+            module._parameters = {"weight": module._parameters.pop("weight"), **module._parameters}
     return model
 
 

@@ -1,0 +1,40 @@
+"""The scale switch: CI must run the FAST scale, and the environment variable is validated."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sparsity_lib as sl
+
+
+def _scale_in_subprocess(env_value):
+    env = dict(os.environ)
+    env.pop("SPARSITY_SCALE", None)
+    if env_value is not None:
+        env["SPARSITY_SCALE"] = env_value
+    out = subprocess.run([sys.executable, "-c", "import sparsity_lib as sl; print(sl.config.SCALE)"],
+                         capture_output=True, text=True, env=env)
+    return out
+
+
+@pytest.mark.skipif(os.environ.get("CI", "").lower() != "true", reason="only meaningful under CI=true")
+def test_ci_runs_fast_scale():
+    assert sl.config.SCALE == "fast" and sl.config.FAST
+
+
+def test_default_is_fast_and_full_is_selectable():
+    assert _scale_in_subprocess(None).stdout.strip() == "fast"
+    assert _scale_in_subprocess("FULL").stdout.strip() == "full"
+
+
+def test_bad_scale_is_rejected():
+    out = _scale_in_subprocess("huge")
+    assert out.returncode != 0 and "SPARSITY_SCALE must be one of" in out.stderr
+
+
+def test_pick_and_setup():
+    assert sl.config.pick(fast=1, full=2) == (1 if sl.config.FAST else 2)
+    summary = sl.config.setup(seed=3, quiet=True)
+    assert "seed=3" in summary and f"scale={sl.config.SCALE}" in summary
