@@ -129,3 +129,12 @@ def random(model, seed: Optional[int] = None):
 
 
 __all__ = ["Method", "METHODS", "Plan", "register", "register_pruner", "known_methods", "get_method", "magnitude", "random"]
+
+
+# ------------------------------------------- data-driven, first-order and at-initialization criteria (Ch. 05, 08)
+from . import activations, first_order, at_init  # noqa: E402,F401
+from .activations import (NEURON_CRITERIA, activation_statistics, apoz, mean_activation, neuron_scores,  # noqa: E402,F401
+                          oracle_neuron_loss_increase, output_sensitivity, output_sensitivity_per_neuron)
+from .first_order import (MovementScore, movement, per_row_masks, taylor, taylor_neuron, taylor_per_neuron,  # noqa: E402,F401
+                          wanda, wanda_input_norms)
+from .at_init import grasp, hessian_gradient_product, layer_connectivity, linearized_copy, snip, synflow  # noqa: E402,F401
