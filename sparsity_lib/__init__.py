@@ -14,10 +14,12 @@ Every method is a combination of the same parts: **score** (how important is eac
 from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .pruning import prune
+from . import data, models, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "budgets", "config", "schedules", "scores", "select",
+    "data", "models", "train",
 ]

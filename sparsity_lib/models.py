@@ -1,0 +1,189 @@
+"""The book's models: small MLPs and CNNs whose prunable layers have short, stable names.
+
+Layer names matter because masks, budgets and reports are keyed by them: an :class:`MLP` has ``fc1 .. fcL``,
+so ``sl.prunable(mlp(...))`` gives ``{"fc1.weight", "fc2.weight", ...}``; the CNNs have ``conv1, conv2, ...``
+and ``fc``.
+
+Every factory takes a ``seed``: the initial weights are then drawn from ``torch.manual_seed(seed)`` inside
+``torch.random.fork_rng()``, so the same seed gives the same network and the global RNG is left as it was
+(``seed=None`` draws from the global RNG instead). The initialization is PyTorch's default (Kaiming-uniform
+with ``a = sqrt(5)``).
+
+Survey §8 (the model zoo of the pruning literature: LeNet-300-100 and LeNet-5 on MNIST,
+Han et al. {cite}`han2015learning`, LeCun et al. {cite}`lecun1998gradient`). Defined for Chapter 01.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: Activation functions an :class:`MLP` can use, by name.
+ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "softplus": F.softplus,
+    "gelu": F.gelu,
+}
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]):
+    """Draw from ``torch.manual_seed(seed)`` inside the block, leaving the global RNG as it was."""
+    if seed is None:
+        yield
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------- MLP
+class MLP(nn.Module):
+    """Fully connected network ``in_features -> hidden[0] -> ... -> hidden[-1] -> out_features``.
+
+    The layers are ``fc1 .. fcL`` (``L = len(hidden) + 1``), with the activation between them and none after
+    the last (the output are logits). Inputs of any shape ``(N, ...)`` are flattened to ``(N, in_features)``.
+
+    Arguments:
+        in_features, out_features: sizes of the input and output.
+        hidden: widths of the hidden layers (may be empty: a linear model).
+        activation: one of ``"relu"``, ``"tanh"``, ``"softplus"``, ``"gelu"``.
+        bias: whether the Linear layers have biases.
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, activation: str = "relu",
+                 bias: bool = True):
+        super().__init__()
+        _check_positive_int(in_features, "in_features")
+        _check_positive_int(out_features, "out_features")
+        hidden = [hidden] if isinstance(hidden, int) else list(hidden)
+        for i, width in enumerate(hidden):
+            _check_positive_int(width, f"hidden[{i}]")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be True or False, got {bias!r}")
+        self.in_features, self.out_features, self.hidden = in_features, out_features, tuple(hidden)
+        self.activation = activation
+        self._act = ACTIVATIONS[activation]
+        widths = [in_features, *hidden, out_features]
+        self.num_layers = len(widths) - 1
+        for i in range(self.num_layers):
+            setattr(self, f"fc{i + 1}", nn.Linear(widths[i], widths[i + 1], bias=bias))
+
+    def layers(self):
+        """The Linear layers ``[fc1, ..., fcL]`` in order."""
+        return [getattr(self, f"fc{i + 1}") for i in range(self.num_layers)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        layers = self.layers()
+        for layer in layers[:-1]:
+            x = self._act(layer(x))
+        return layers[-1](x)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+def mlp(in_features: int = 64, hidden: Sequence[int] = (128,), out_features: int = 10, *,
+        activation: str = "relu", bias: bool = True, seed: Optional[int] = 0) -> MLP:
+    """An :class:`MLP` with weights drawn from ``seed`` (see the module docstring). Defaults fit :func:`digits`."""
+    with _seeded(seed):
+        return MLP(in_features, hidden, out_features, activation=activation, bias=bias)
+
+
+def lenet_300_100(in_features: int = 64, out_features: int = 10, *, activation: str = "relu", bias: bool = True,
+                  seed: Optional[int] = 0) -> MLP:
+    """LeNet-300-100 {cite}`lecun1998gradient`: an MLP with hidden layers of 300 and 100 units.
+
+    The classic pruning benchmark of Han et al. {cite}`han2015learning` (92% of its weights removed without
+    loss of accuracy on MNIST; survey §8). Here ``in_features=64`` for :func:`sparsity_lib.data.digits`
+    (784 for MNIST). Layers ``fc1`` (300 x in), ``fc2`` (100 x 300), ``fc3`` (out x 100).
+    """
+    return mlp(in_features, (300, 100), out_features, activation=activation, bias=bias, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------- CNNs
+class DigitsCNN(nn.Module):
+    """A small 2-D CNN for 8x8 digits: ``conv1`` (1->c1, 3x3, pad 1), ReLU, ``conv2`` (c1->c2, 3x3, pad 1),
+    ReLU, 2x2 max-pool, ``fc`` (c2*4*4 -> num_classes).
+
+    Accepts flattened inputs ``(N, 64)`` as well as images ``(N, 1, 8, 8)``. With the default channels
+    (16, 32): 4,752 convolution weights and 5,120 in ``fc``.
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32), num_classes: int = 10):
+        super().__init__()
+        if len(channels) != 2:
+            raise ValueError(f"channels must be two integers (conv1, conv2 widths), got {channels!r}")
+        c1, c2 = (_check_positive_int(c, "channels") for c in channels)
+        _check_positive_int(num_classes, "num_classes")
+        self.conv1 = nn.Conv2d(1, c1, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=3, padding=1)
+        self.fc = nn.Linear(c2 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], 1, 8, 8)
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+class MNIST1DCNN(nn.Module):
+    """A small 1-D CNN for MNIST-1D: three ``Conv1d`` layers (``conv1`` 1->c, ``conv2`` c->c, ``conv3`` c->c;
+    kernel 5, stride 2, padding 2, ReLU), then ``fc`` (c*5 -> num_classes).
+
+    The length halves at every convolution (40 -> 20 -> 10 -> 5). Accepts ``(N, 40)`` or ``(N, 1, 40)``.
+    Close to the CNN of Greydanus {cite}`greydanus2020scaling`, which reaches about 95% on MNIST-1D where an
+    MLP stays near 70%.
+    """
+
+    def __init__(self, channels: int = 32, num_classes: int = 10, length: int = 40):
+        super().__init__()
+        _check_positive_int(channels, "channels")
+        _check_positive_int(num_classes, "num_classes")
+        _check_positive_int(length, "length")
+        self.length = length
+        self.conv1 = nn.Conv1d(1, channels, kernel_size=5, stride=2, padding=2)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=5, stride=2, padding=2)
+        self.conv3 = nn.Conv1d(channels, channels, kernel_size=5, stride=2, padding=2)
+        out_length = length
+        for _ in range(3):
+            out_length = (out_length + 2 * 2 - 5) // 2 + 1
+        self.fc = nn.Linear(channels * out_length, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], 1, self.length)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.fc(x.flatten(1))
+
+
+def digits_cnn(channels: Sequence[int] = (16, 32), num_classes: int = 10, *, seed: Optional[int] = 0) -> DigitsCNN:
+    """A :class:`DigitsCNN` with weights drawn from ``seed``."""
+    with _seeded(seed):
+        return DigitsCNN(channels, num_classes)
+
+
+def mnist1d_cnn(channels: int = 32, num_classes: int = 10, *, seed: Optional[int] = 0) -> MNIST1DCNN:
+    """A :class:`MNIST1DCNN` with weights drawn from ``seed``."""
+    with _seeded(seed):
+        return MNIST1DCNN(channels, num_classes)
+
+
+__all__ = ["ACTIVATIONS", "MLP", "mlp", "lenet_300_100", "DigitsCNN", "MNIST1DCNN", "digits_cnn", "mnist1d_cnn"]
