@@ -1,0 +1,490 @@
+"""Figures of the book: one look for every chapter, one function per kind of figure.
+
+Every function draws on an ``ax`` you give it (or on a new figure when ``ax=None``) and returns what it drew on
+(the ``Axes``, or the ``Figure`` for multi-panel plots). Nothing here calls ``plt.show()``: a notebook shows the
+figure at the end of the cell; end the cell with ``;`` to hide the returned object's text. Chapters call
+:func:`style` once in their set-up cell so that every figure of the book looks the same.
+
+=============================  ===========================================================================
+:func:`style`                  the book's matplotlib defaults (font sizes, light grid, no top/right spines)
+:func:`accuracy_vs_sparsity`   mean over seeds with a shaded spread, optionally on a log-density axis
+:func:`mask_image`             one mask as a black (kept) / white (pruned) image, density in the title
+:func:`masks_grid`             one mask image per layer
+:func:`layer_densities`        grouped bars: the density of every layer under several budgets or methods
+:func:`sparsity_curve`         a schedule's sparsity over training
+:func:`heatmap`                an annotated matrix (method x sparsity tables)
+:func:`table`                  a rounded ``pandas.DataFrame`` for claim tables
+=============================  ===========================================================================
+
+Example::
+
+    import sparsity_lib as sl
+    sl.viz.style()
+    sl.viz.accuracy_vs_sparsity({"magnitude": (sparsities, accuracies)}, logit_x=True);
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib import ticker
+
+#: The rcParams :func:`style` sets (readable in a notebook and in the rendered book).
+STYLE = {
+    "figure.figsize": (6.0, 3.8),
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+    "legend.frameon": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.linewidth": 2.0,
+    "lines.markersize": 5.0,
+    "image.interpolation": "nearest",
+}
+
+#: Sparsities that get a tick on a log-density axis (``logit_x=True``).
+LOG_DENSITY_TICKS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
+
+
+def style(**overrides) -> dict:
+    """Set the book's matplotlib defaults (:data:`STYLE`, updated with ``overrides``) and return them.
+
+    Call it once per chapter, in the set-up cell. Keys are matplotlib rcParams names; pass them as a dict
+    (``style(**{"font.size": 12})``) because they contain dots.
+
+    Example::
+
+        >>> sl.viz.style()["axes.spines.top"]
+        False
+    """
+    params = dict(STYLE)
+    params.update(overrides)
+    matplotlib.rcParams.update(params)
+    return params
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+def _new_axes(ax, figsize=None):
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _percent(value: float, digits: int = 4) -> str:
+    """0.9 -> '90%', 0.995 -> '99.5%', 0.999 -> '99.9%' (``digits`` significant digits)."""
+    return f"{100 * value:.{digits}g}%"
+
+
+def _log_density_axis(ax, axis: str = "x", lowest_density: Optional[float] = None):
+    """Put sparsity s on the axis at position -log10(1 - s): equal steps for 0, 90, 99, 99.9% sparsity."""
+
+    def forward(s):
+        s = np.asarray(s, dtype=float)
+        return -np.log10(np.clip(1.0 - s, 1e-9, None))
+
+    def inverse(t):
+        return 1.0 - np.power(10.0, -np.asarray(t, dtype=float))
+
+    set_scale = ax.set_xscale if axis == "x" else ax.set_yscale
+    set_scale("function", functions=(forward, inverse))
+    axis_obj = ax.xaxis if axis == "x" else ax.yaxis
+    axis_obj.set_major_locator(ticker.FixedLocator(LOG_DENSITY_TICKS))
+    axis_obj.set_major_formatter(ticker.FuncFormatter(lambda v, _: _percent(v)))
+    axis_obj.set_minor_locator(ticker.NullLocator())
+
+
+def _percent_axis(ax, axis: str = "y"):
+    axis_obj = ax.xaxis if axis == "x" else ax.yaxis
+    axis_obj.set_major_formatter(ticker.PercentFormatter(xmax=1.0, decimals=0))
+
+
+# ------------------------------------------------------------------------------------- accuracy vs sparsity
+def accuracy_vs_sparsity(results: Mapping[str, tuple], ax=None, x: str = "sparsity", ylabel: str = "test accuracy",
+                         logit_x: bool = False, spread: Optional[str] = "minmax", markers: bool = True,
+                         title: Optional[str] = None, colors: Optional[Sequence] = None):
+    """Plot a metric against sparsity for several methods: the mean over seeds as a line with markers and the
+    spread over seeds as a shaded band. Returns the ``Axes``.
+
+    The standard figure of the pruning literature (Gale et al. {cite}`gale2019state`, Fig. 2-4; survey §8.1).
+
+    Arguments:
+        results: ``{label: (sparsities, values)}`` with ``sparsities`` of shape ``(S,)`` and ``values`` of shape
+            ``(seeds, S)`` (or ``(S,)`` for a single seed); lists, NumPy arrays and tensors are accepted.
+        ax: the Axes to draw on (default: a new figure).
+        x: the x-axis label (what ``sparsities`` holds).
+        ylabel: the y-axis label.
+        logit_x: put the x axis on a *log-density* scale: position ``-log10(1 - s)``, so that 0%, 90%, 99% and
+            99.9% sparsity are equally spaced and ticks read as sparsities (needs ``sparsities`` in [0, 1)).
+        spread: ``"minmax"`` (band from the minimum to the maximum over seeds), ``"std"`` (mean +- one standard
+            deviation) or ``None`` (no band). With one seed no band is drawn.
+        markers: draw a marker at every measured sparsity.
+        colors: one colour per label, in order (default: the style's colour cycle).
+
+    One line per label (``len(ax.lines) == len(results)``) and one band per label with more than one seed.
+
+    Example::
+
+        >>> s = [0.0, 0.5, 0.9, 0.99]
+        >>> ax = accuracy_vs_sparsity({"magnitude": (s, [[.97, .97, .95, .80], [.96, .97, .94, .78]]),
+        ...                            "random": (s, [[.97, .93, .60, .20], [.96, .92, .55, .18]])}, logit_x=True)
+    """
+    if spread not in ("minmax", "std", None):
+        raise ValueError(f"spread must be 'minmax', 'std' or None, got {spread!r}")
+    if not isinstance(results, Mapping) or not results:
+        raise TypeError("results must be a non-empty dict {label: (sparsities, values)}")
+    ax = _new_axes(ax)
+    for i, (label, pair) in enumerate(results.items()):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"results[{label!r}] must be a pair (sparsities, values), got {type(pair).__name__}")
+        xs = _to_numpy(pair[0]).astype(float).reshape(-1)
+        values = _to_numpy(pair[1]).astype(float)
+        if values.ndim == 1:
+            values = values[None, :]
+        if values.ndim != 2 or values.shape[1] != len(xs):
+            raise ValueError(
+                f"results[{label!r}]: values must have shape (seeds, {len(xs)}) to match the {len(xs)} sparsities, "
+                f"got {values.shape}"
+            )
+        if logit_x and ((xs < 0) | (xs >= 1)).any():
+            raise ValueError(f"results[{label!r}]: logit_x needs sparsities in [0, 1), got {xs.tolist()}")
+        order = np.argsort(xs, kind="stable")
+        xs, values = xs[order], values[:, order]
+        mean = np.nanmean(values, axis=0)
+        color = None if colors is None else colors[i % len(colors)]
+        (line,) = ax.plot(xs, mean, marker="o" if markers else None, label=str(label), color=color)
+        if spread is not None and values.shape[0] > 1:
+            if spread == "minmax":
+                low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+            else:
+                std = np.nanstd(values, axis=0)
+                low, high = mean - std, mean + std
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    if logit_x:
+        _log_density_axis(ax, "x")
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+def _as_2d_mask(mask) -> np.ndarray:
+    m = _to_numpy(mask)
+    if m.dtype != bool:
+        m = m != 0  # a weight tensor: nonzero = kept
+    if m.ndim == 0:
+        raise ValueError("mask must have at least one dimension")
+    if m.ndim == 1:
+        return m[None, :]
+    return m.reshape(m.shape[0], -1)  # a convolution (out, in, k, k) -> (out, in * k * k)
+
+
+def mask_image(mask, ax=None, title: Optional[str] = None, cmap: str = "gray_r"):
+    """Show a mask as an image: black = kept weight, white = pruned; the density is in the title. Returns the Axes.
+
+    ``mask`` is a boolean tensor or array (a weight tensor also works: nonzero = kept). A Linear mask is shown
+    as it is (rows = output neurons, columns = inputs); a convolution mask ``(out, in, k1, k2)`` is flattened
+    to ``(out, in * k1 * k2)``, the view in which structured pruning removes rows (survey §3.1). Very wide or
+    very tall masks are stretched to fill the panel.
+
+    Example::
+
+        >>> ax = mask_image(sl.get_masks(model)["0.weight"], title="first layer")
+        >>> ax.get_title()
+        'first layer: density 10%'
+    """
+    m = _as_2d_mask(mask)
+    ax = _new_axes(ax)
+    h, w = m.shape
+    aspect = "equal" if max(h / w, w / h) <= 3 else "auto"
+    ax.imshow(m.astype(np.uint8), cmap=cmap, vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
+    density = float(m.mean())
+    text = f"density {_percent(density, 3)}"
+    ax.set_title(f"{title}: {text}" if title else text)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    for spine in ax.spines.values():  # a thin frame, so that an all-pruned (white) region still has an edge
+        spine.set_visible(True)
+        spine.set_color("0.6")
+        spine.set_linewidth(0.8)
+    return ax
+
+
+def masks_grid(masks, ncols: Optional[int] = None, panel_size: float = 2.6, suptitle: Optional[str] = None,
+               fig=None):
+    """One :func:`mask_image` panel per layer of ``masks`` (``{name: mask}``, or a model: its current masks).
+
+    Returns the ``Figure``. ``ncols`` defaults to all layers in one row (at most 4 per row).
+
+    Example::
+
+        >>> sl.prune(model, 0.9)
+        >>> fig = masks_grid(sl.get_masks(model), suptitle="global magnitude, 90%")
+        >>> len(fig.axes) == len(sl.get_masks(model))
+        True
+    """
+    from torch import nn
+
+    if isinstance(masks, nn.Module):
+        from .masks import get_masks
+
+        masks = get_masks(masks)
+    if not isinstance(masks, Mapping) or not masks:
+        raise TypeError("masks must be a non-empty dict {name: mask} or a model")
+    n = len(masks)
+    ncols = min(n, 4) if ncols is None else int(ncols)
+    if ncols < 1:
+        raise ValueError(f"ncols must be a positive integer, got {ncols}")
+    nrows = math.ceil(n / ncols)
+    if fig is None:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(panel_size * ncols, panel_size * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, (name, mask) in zip(axes.flat, masks.items()):
+        mask_image(mask, ax=ax, title=name)
+    for ax in list(axes.flat)[n:]:
+        ax.remove()
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- layer bars
+def _short_count(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.3g}M"
+    if n >= 1_000:
+        return f"{n / 1e3:.3g}k"
+    return str(int(n))
+
+
+def layer_densities(budgets: Mapping[str, Mapping[str, float]], ax=None, kind: str = "density",
+                    params: Optional[Mapping[str, int]] = None, log: bool = False, colors: Optional[Sequence] = None,
+                    title: Optional[str] = None):
+    """Grouped bars of the *density* (fraction of weights kept) of every layer, one colour per label.
+    Returns the Axes.
+
+    Shows how a budget spreads a global sparsity over the layers (survey §3.9): uniform gives every layer the
+    same density, ERK {cite}`evci2020rigging` and global magnitude keep small layers denser.
+
+    Arguments:
+        budgets: ``{label: {layer: value}}``, e.g. ``{"uniform": sl.budgets.uniform(model, 0.9),
+            "ERK": sl.budgets.erk(model, 0.9)}``. Layers are shown in order of first appearance; a layer missing
+            from a label has no bar there.
+        kind: what the values are: ``"density"`` (kept fraction) or ``"sparsity"`` (removed fraction, as
+            :mod:`sparsity_lib.budgets` returns; shown as ``1 - value``).
+        params: ``{layer: number of weights}``; when given, each layer's tick label also shows its size.
+        log: a logarithmic density axis (for budgets that span orders of magnitude).
+        colors: one colour per label (default: the style's colour cycle).
+
+    Draws ``len(budgets) * number of layers`` bars (``ax.containers`` holds one ``BarContainer`` per label).
+
+    Example::
+
+        >>> ax = layer_densities({"ERK": sl.budgets.erk(model, 0.9)}, kind="sparsity",
+        ...                      params={n: w.numel() for n, w in sl.prunable(model).items()})
+    """
+    if kind not in ("density", "sparsity"):
+        raise ValueError(f"kind must be 'density' or 'sparsity' (what the values are), got {kind!r}")
+    if not isinstance(budgets, Mapping) or not budgets:
+        raise TypeError("budgets must be a non-empty dict {label: {layer: value}}")
+    layers = []
+    for label, budget in budgets.items():
+        if not isinstance(budget, Mapping):
+            raise TypeError(f"budgets[{label!r}] must be a dict {{layer: {kind}}}, got {type(budget).__name__}")
+        for layer in budget:
+            if layer not in layers:
+                layers.append(layer)
+    ax = _new_axes(ax)
+    n_labels = len(budgets)
+    width = 0.8 / n_labels
+    positions = np.arange(len(layers))
+    for i, (label, budget) in enumerate(budgets.items()):
+        values = np.array([float(budget[layer]) if layer in budget else np.nan for layer in layers])
+        if ((values < 0) | (values > 1)).any():
+            raise ValueError(f"budgets[{label!r}]: every {kind} must lie in [0, 1], got {values.tolist()}")
+        densities = values if kind == "density" else 1.0 - values
+        keep = ~np.isnan(densities)
+        color = None if colors is None else colors[i % len(colors)]
+        ax.bar(positions[keep] + (i - (n_labels - 1) / 2) * width, densities[keep], width=width, label=str(label),
+               color=color)
+    ticks = list(layers)
+    if params is not None:
+        ticks = [f"{layer}\n{_short_count(params[layer])}" if layer in params else layer for layer in layers]
+    ax.set_xticks(positions)
+    ax.set_xticklabels(ticks, rotation=0 if len(layers) <= 6 else 45, ha="center" if len(layers) <= 6 else "right")
+    ax.grid(False, axis="x")
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(0, 1.05)
+        _percent_axis(ax, "y")
+    ax.set_ylabel("density (kept)")
+    if title:
+        ax.set_title(title)
+    if n_labels > 1:
+        ax.legend()
+    return ax
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def sparsity_curve(steps, sparsities, ax=None, label: Optional[str] = None, xlabel: str = "training step",
+                   drawstyle: str = "default", marks: Optional[Sequence] = None, **plot_options):
+    """Plot a schedule's sparsity over training as one line (the y axis in percent, 0 to 100%). Returns the Axes.
+
+    E.g. the gradual schedule of Zhu & Gupta {cite}`zhu2017prune` ``s_t = s_f + (s_i - s_f)(1 - (t - t_0) /
+    (n Δt))^3`` (survey §2.4.2) from :func:`sparsity_lib.schedules.polynomial`; use ``drawstyle="steps-post"``
+    for schedules that jump (one-shot, iterative pruning). Call again on the same ``ax`` to compare schedules.
+
+    Arguments:
+        steps, sparsities: equal-length sequences (the sparsity at each step, in [0, 1]).
+        label: legend entry (a legend is drawn when any line has a label).
+        marks: steps at which to draw a dot on the curve (e.g. when masks were updated).
+        plot_options: passed to ``ax.plot`` (color, linestyle, ...).
+
+    Example::
+
+        >>> steps = range(0, 1001, 10)
+        >>> s = [sl.schedules.polynomial(t, 0.0, 0.9, 100, 800) for t in steps]
+        >>> ax = sparsity_curve(steps, s, label="cubic, 0 -> 90%")
+    """
+    xs = _to_numpy(list(steps) if not hasattr(steps, "__array__") else steps).astype(float).reshape(-1)
+    ys = _to_numpy(list(sparsities) if not hasattr(sparsities, "__array__") else sparsities).astype(float).reshape(-1)
+    if len(xs) != len(ys):
+        raise ValueError(f"steps and sparsities must have the same length, got {len(xs)} and {len(ys)}")
+    ax = _new_axes(ax)
+    (line,) = ax.plot(xs, ys, label=label, drawstyle=drawstyle, **plot_options)
+    if marks is not None:
+        marks = np.asarray(list(marks), dtype=float)
+        ax.plot(marks, np.interp(marks, xs, ys), "o", color=line.get_color(), linestyle="none")
+    ax.set_ylim(-0.02, 1.02)
+    _percent_axis(ax, "y")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("sparsity")
+    if any(not str(l.get_label()).startswith("_") for l in ax.lines):
+        ax.legend()
+    return ax
+
+
+# -------------------------------------------------------------------------------------------------- heatmap
+def heatmap(matrix, row_labels: Sequence, col_labels: Sequence, ax=None, fmt: str = ".2f", cmap: str = "viridis",
+            colorbar: bool = True, vmin: Optional[float] = None, vmax: Optional[float] = None,
+            xlabel: Optional[str] = None, ylabel: Optional[str] = None, title: Optional[str] = None):
+    """An annotated heatmap: one coloured cell per entry of ``matrix`` with its value written in it
+    (formatted with ``fmt``; NaN cells are left blank and marked "–"). Returns the Axes.
+
+    Used for method x sparsity tables (accuracy of every method at every sparsity, Chapter 14 and Gale et al.
+    {cite}`gale2019state`). Text is white on dark cells and black on light ones. Draws one image and
+    ``rows * cols`` texts.
+
+    Example::
+
+        >>> ax = heatmap([[0.97, 0.95], [0.96, 0.60]], ["magnitude", "random"], ["90%", "99%"],
+        ...              xlabel="sparsity", title="test accuracy")
+    """
+    data = _to_numpy(matrix).astype(float)
+    if data.ndim != 2:
+        raise ValueError(f"matrix must be 2-D, got shape {data.shape}")
+    if len(row_labels) != data.shape[0] or len(col_labels) != data.shape[1]:
+        raise ValueError(
+            f"matrix has shape {data.shape} but there are {len(row_labels)} row_labels and {len(col_labels)} col_labels"
+        )
+    ax = _new_axes(ax)
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(np.arange(data.shape[1]), labels=[str(c) for c in col_labels])
+    ax.set_yticks(np.arange(data.shape[0]), labels=[str(r) for r in row_labels])
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    lo, hi = image.norm.vmin, image.norm.vmax
+    colormap = image.get_cmap()
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            v = data[i, j]
+            if math.isnan(v):
+                ax.text(j, i, "–", ha="center", va="center", color="0.4")
+                continue
+            rgba = colormap(0.5 if hi == lo else (v - lo) / (hi - lo))
+            luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+            ax.text(j, i, format(v, fmt), ha="center", va="center", color="black" if luminance > 0.5 else "white")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------------- table
+def table(rows, decimals: int = 3, index: Optional[str] = None):
+    """A ``pandas.DataFrame`` of ``rows`` with every float rounded to ``decimals``: the claim tables of the book.
+
+    ``rows`` is a list of dicts (one per row), a dict of dicts (``{row label: {column: value}}``) or a
+    DataFrame; ``index`` names a column to use as the index. Tensors and NumPy scalars become plain numbers.
+
+    Example::
+
+        >>> table([{"method": "magnitude", "accuracy": 0.95123}, {"method": "random", "accuracy": 0.6}],
+        ...       index="method")
+                   accuracy
+        method
+        magnitude     0.951
+        random        0.600
+    """
+    import pandas as pd
+
+    def plain(v):
+        if hasattr(v, "detach") and getattr(v, "numel", lambda: 0)() == 1:
+            return v.item()
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    if isinstance(rows, pd.DataFrame):
+        frame = rows.copy()
+    elif isinstance(rows, Mapping):
+        frame = pd.DataFrame.from_dict({k: {c: plain(v) for c, v in r.items()} for k, r in rows.items()},
+                                       orient="index")
+    else:
+        rows = list(rows)
+        if not all(isinstance(r, Mapping) for r in rows):
+            raise TypeError("rows must be a list of dicts, a dict of dicts or a pandas DataFrame")
+        frame = pd.DataFrame([{c: plain(v) for c, v in r.items()} for r in rows])
+    if index is not None:
+        if index not in frame.columns:
+            raise ValueError(f"index must be one of the columns {list(frame.columns)}, got {index!r}")
+        frame = frame.set_index(index)
+    return frame.round(decimals)
+
+
+__all__ = ["STYLE", "style", "accuracy_vs_sparsity", "mask_image", "masks_grid", "layer_densities", "sparsity_curve",
+           "heatmap", "table"]
