@@ -1,0 +1,76 @@
+# Sparsity in Deep Learning: the executable book.
+#
+#   make book    set up .venv, execute every chapter fresh, build the HTML book, print the path of index.html
+#   make test    set up .venv, run the library tests and every chapter notebook (pytest + nbval)
+#   make lab     set up .venv, open JupyterLab on chapters/
+#   make bench   set up .venv, print the benchmark tables of sparsity_lib
+#   make clean   remove the built book and caches (keeps .venv)
+#   make distclean   clean, and remove .venv too
+#
+# Everything runs from a virtual environment in .venv that this Makefile creates and keeps up to date:
+# it is re-installed whenever requirements.txt or pyproject.toml change.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+BIN    := $(VENV)/bin
+
+# Reproducible runs: a fixed hash seed (set iteration order, dict-of-sets, ...). Thread counts are left alone on
+# purpose: OMP_NUM_THREADS / MKL_NUM_THREADS pass through from the caller untouched, and sparsity_lib.config sets
+# torch's own thread count, so the same notebook behaves the same under make, JupyterLab and Colab.
+export PYTHONHASHSEED := 0
+
+# `make book` rebuilds every page (--all): Sphinx would otherwise skip pages it believes unchanged, and their
+# notebooks would not be executed again. Add -W here to turn warnings into errors.
+BOOK_FLAGS ?= --all
+# Extra options for JupyterLab, e.g. make lab LAB_FLAGS="--no-browser --port 8899"
+LAB_FLAGS ?=
+
+.PHONY: help setup test book lab bench clean distclean
+
+help:
+	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
+
+# --- set-up ------------------------------------------------------------------------------------------------------
+# The stamp lives inside .venv, so deleting .venv also forces a fresh install.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || { echo "== creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -r requirements.txt
+	@# The editable install below runs without build isolation, so the build backend must already be in the venv.
+	@# Python 3.11's venv ships setuptools but not `wheel`, which setuptools < 70.1 needs to build any wheel.
+	$(BIN)/python -c 'import setuptools, wheel' 2>/dev/null || $(BIN)/pip install 'setuptools>=64' wheel
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(STAMP)
+
+# --- the four commands --------------------------------------------------------------------------------------------
+# MPLBACKEND=Agg: tests never need a display and never open windows.
+test: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m pytest -n 2 --dist loadfile
+
+# No MPLBACKEND for the book: inside a Jupyter kernel an empty MPLBACKEND lets ipykernel select the inline
+# backend, which is what puts figures into the executed pages. Exporting MPLBACKEND=Agg here would silently drop
+# every plt.show() figure from the rendered book. The builder process itself has no display and uses Agg anyway.
+book: $(STAMP)
+	env -u MPLBACKEND $(BIN)/jupyter-book build $(BOOK_FLAGS) .
+	@echo
+	@echo "The book: $(abspath _build/html/index.html)"
+
+lab: $(STAMP)
+	$(BIN)/jupyter-lab --ServerApp.root_dir=chapters $(LAB_FLAGS)
+
+bench: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.bench
+
+# --- cleaning ----------------------------------------------------------------------------------------------------
+clean:
+	rm -rf _build .jupyter_cache .pytest_cache
+	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -print0 \
+		| xargs -0 rm -rf
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info
