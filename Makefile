@@ -28,6 +28,8 @@ export PYTHONHASHSEED := 0
 BOOK_FLAGS ?= --all
 # Extra options for JupyterLab, e.g. make lab LAB_FLAGS="--no-browser --port 8899"
 LAB_FLAGS ?=
+# Jupyter refuses to start as root (common in containers) unless told so explicitly.
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: help setup test book lab bench clean distclean
 
@@ -61,7 +63,7 @@ book: $(STAMP)
 	@echo "The book: $(abspath _build/html/index.html)"
 
 lab: $(STAMP)
-	$(BIN)/jupyter-lab --ServerApp.root_dir=chapters $(LAB_FLAGS)
+	$(BIN)/jupyter-lab --ServerApp.root_dir=chapters $(LAB_ROOT) $(LAB_FLAGS)
 
 bench: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.bench
