@@ -15,8 +15,6 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .pruning import prune
 from . import data, models, train
-from . import formats
-from . import compare
 from . import viz, widgets
 
 __version__ = "0.1.0"
@@ -25,7 +23,5 @@ __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "budgets", "config", "schedules", "scores", "select",
     "data", "models", "train",
-    "formats",
-    "compare",
     "viz", "widgets",
 ]
