@@ -15,7 +15,7 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .pruning import prune
 from . import data, models, train
-from . import viz, widgets
+from . import formats
 
 __version__ = "0.1.0"
 
@@ -23,5 +23,5 @@ __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "budgets", "config", "schedules", "scores", "select",
     "data", "models", "train",
-    "viz", "widgets",
+    "formats",
 ]
