@@ -338,22 +338,16 @@ def test_oracle_on_a_convolution_zeroes_channels(cnn):
 def test_movement_accumulates_minus_grad_times_weight_before_the_step(mlp):
     data = make_data(n_batches=4)
     ms = sl.scores.MovementScore(mlp)
-    reference = copy.deepcopy(mlp)
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     expected = {n: torch.zeros_like(w) for n, w in sl.prunable(mlp).items()}
-    state_obj = type("State", (), {"model": mlp, "optimizer": opt, "step": 0})()
+    modules = dict(mlp.named_modules())
     for x, y in data:
         opt.zero_grad()
         F.cross_entropy(mlp(x), y).backward()
+        for n, w in sl.prunable(mlp).items():
+            expected[n] -= modules[n.rsplit(".", 1)[0]].weight.grad * w.detach()  # weight before the step
+        ms.step()  # between backward and optimizer.step()
         opt.step()
-        ms(state_obj)  # the training loop's callback, after optimizer.step()
-        ref_opt.zero_grad()
-        F.cross_entropy(reference(x), y).backward()
-        for n, w in sl.prunable(reference).items():
-            module = dict(reference.named_modules())[n.rsplit(".", 1)[0]]
-            expected[n] -= module.weight.grad * w.detach()  # weight before the step
-        ref_opt.step()
     got = ms.scores()
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-7)
@@ -364,8 +358,35 @@ def test_movement_accumulates_minus_grad_times_weight_before_the_step(mlp):
     assert flat_scores[~flat_masks].max() <= flat_scores[flat_masks].min()
     with pytest.raises(ValueError, match="MovementScore"):
         sl.prune(copy.deepcopy(mlp), 0.5, method="movement")
+    with pytest.raises(ValueError, match="another model"):
+        sl.prune(copy.deepcopy(mlp), 0.5, method="movement", movement=ms)
     with pytest.raises(RuntimeError, match="no gradients"):
-        sl.scores.MovementScore(nn.Sequential(nn.Linear(2, 2))).on_step()
+        sl.scores.MovementScore(nn.Sequential(nn.Linear(2, 2))).step()
+
+
+def test_movement_as_a_callback_of_the_training_loop():
+    task = sl.data.teacher_student(n_train=96, n_test=32, in_features=16, hidden=8, num_classes=5, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+    replay = copy.deepcopy(model)
+    ms = sl.scores.MovementScore(model)
+    sl.train.fit(model, task, epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.0,
+                 lr_schedule="constant", callbacks=[ms], progress=False, seed=0)
+    assert ms.steps == 6
+    # replay the same SGD steps by hand (same batch order: the loop's generator is seeded with seed=0)
+    generator = torch.Generator().manual_seed(0)
+    expected = {n: torch.zeros_like(w) for n, w in sl.prunable(replay).items()}
+    for _ in range(2):
+        for x, y in task.batches(32, generator=generator):
+            replay.zero_grad()
+            F.cross_entropy(replay(x), y).backward()
+            with torch.no_grad():
+                for n, w in sl.prunable(replay).items():
+                    expected[n] -= dict(replay.named_parameters())[n].grad * w
+                for p in replay.parameters():
+                    p -= 0.05 * p.grad
+    for n, s in ms.scores().items():
+        torch.testing.assert_close(s, expected[n], rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ the model is unchanged

@@ -102,7 +102,8 @@ def output_sensitivity_per_neuron(model: nn.Module, data, num_batches: Optional[
 
         S_j = sqrt( 1/(N K) sum_n sum_k ( d f_k(x_n) / d delta_j )^2 )
 
-    the mean-square summary of the sensitivity matrix of Engelbrecht and Cloete (survey §3.3). Derivatives are
+    the mean-square summary of the sensitivity matrix of Engelbrecht and Cloete (survey §3.3,
+    {cite}`hoefler2021sparsity`). Derivatives are
     taken w.r.t. the layer output ``z`` (the input of the nonlinearity), so in a ReLU network a neuron that is
     off on an example has zero sensitivity there. One backward pass per output k (the K outputs of a classifier);
     evaluation mode, so examples are independent. The model is not changed.
@@ -156,7 +157,7 @@ def apoz(model: nn.Module, data=None, loss_fn=None, activation: Activation = "re
 def mean_activation(model: nn.Module, data=None, loss_fn=None, activation: Activation = "relu",
                     num_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Keep score ``(1/N) sum_n |activation(z_nj)|`` (mean absolute activation of neuron j), broadcast to its
-    weights. Survey §3.3 (Hagiwara's "energy"; DropNet). Use with ``structure="neuron"``. Defined in Chapter 05.
+    weights. Survey §3.3 {cite}`hoefler2021sparsity` (Hagiwara's "energy"; DropNet). Use with ``structure="neuron"``. Defined in Chapter 05.
     """
     stats = activation_statistics(model, data, activation, num_batches)
     with scoring(model) as modules:
@@ -167,7 +168,7 @@ def mean_activation(model: nn.Module, data=None, loss_fn=None, activation: Activ
 def output_sensitivity(model: nn.Module, data=None, loss_fn=None,
                        num_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Keep score ``S_j = sqrt(mean_{n,k} (d f_k(x_n) / d z_j)^2)`` (see :func:`output_sensitivity_per_neuron`),
-    broadcast to the weights of neuron j. Survey §3.3. Use with ``structure="neuron"``. Defined in Chapter 05.
+    broadcast to the weights of neuron j. Survey §3.3 {cite}`hoefler2021sparsity`. Use with ``structure="neuron"``. Defined in Chapter 05.
     """
     sens = output_sensitivity_per_neuron(model, data, num_batches)
     with scoring(model) as modules:

@@ -79,7 +79,7 @@ def hessian_gradient_product(model: nn.Module, data, loss_fn=None, num_batches: 
 
     ``L`` is ``loss_fn(model(x) / temperature, y)`` averaged over the first ``num_batches`` batches (batch-size
     weighted); ``H`` is the Hessian of that loss with respect to the prunable weights only (biases and other
-    parameters held fixed), as in Wang et al.'s reference implementation. Returns two dicts ``{name: tensor}``.
+    parameters held fixed), as in Wang et al.'s reference implementation {cite}`wang2020picking` (survey §2.4.3). Returns two dicts ``{name: tensor}``.
     """
     loss_fn = check_loss_fn(loss_fn)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -141,7 +141,7 @@ def _check_input_shape(input_shape) -> tuple:
 
 
 def linearized_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` for SynFlow: every parameter replaced by its absolute value, every bias (and
+    """A float64 copy of ``model`` for SynFlow ({cite}`tanaka2020pruning`, survey §2.4.3): every parameter replaced by its absolute value, every bias (and
     every batch-norm running mean) set to zero, evaluation mode. Masks are kept.
 
     With non-negative weights and a non-negative input every pre-activation is non-negative, so ReLU acts as the

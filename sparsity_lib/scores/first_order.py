@@ -121,12 +121,15 @@ class MovementScore:
     one pushed away from zero gains: higher = keep. Sanh et al. multiply by the learning rate of the scores, a
     constant factor that does not change the ranking.
 
-    How it is fed: after every optimizer step the training loop calls ``ms.on_step(state)`` (or ``ms(state)``);
-    the gradient of that step is still in ``.grad`` then (it is zeroed at the start of the next step). The weight
-    before the update is the value recorded at the previous call (at construction, or :meth:`reset`, for the first
-    step), so the score is exact as long as nothing but the optimizer changes the weights between two calls (a
-    pruning callback that masks weights is harmless: masked weights get zero gradient). In a hand-written loop,
-    call ``ms.on_step()`` right after ``optimizer.step()``.
+    How it is fed: :func:`sparsity_lib.train.fit` calls ``ms.on_after_backward(state)`` after
+    ``loss.backward()`` and before ``optimizer.step()``, when ``.grad`` holds ``g^(t)`` and the weights are still
+    ``w^(t)``, so the sum is exact. In a hand-written loop call ``ms.step()`` at the same place::
+
+        loss.backward(); ms.step(); optimizer.step()
+
+    (Called after ``optimizer.step()`` instead, it would pair ``g^(t)`` with ``w^(t+1)``: a close approximation
+    for small learning rates, not the definition.) For a masked layer the gradient of the trainable ``original``
+    is zero at masked entries, so pruned weights accumulate nothing.
 
     Use the scores with ``sl.prune(model, s, method="movement", movement=ms)`` or read them with
     :meth:`scores`. Defined in Chapter 05.
@@ -140,33 +143,33 @@ class MovementScore:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the accumulated movement and record the current weights as the starting point."""
+        """Forget the accumulated movement."""
         self.steps = 0
         self._score = {n: torch.zeros_like(m.weight, dtype=torch.float32).detach()
                        for n, m in self._modules.items()}
-        self._before = {n: m.weight.detach().clone() for n, m in self._modules.items()}
 
-    def on_step(self, state=None) -> None:
-        """Accumulate ``-g * w_before`` for every prunable weight; call after ``optimizer.step()``."""
+    def on_after_backward(self, state=None) -> None:
+        """Accumulate ``-g * w`` for every prunable weight: call after ``loss.backward()``, before
+        ``optimizer.step()`` (the training loop's ``on_after_backward`` event)."""
         model = getattr(state, "model", None)
         if model is not None and model is not self.model:
-            raise ValueError("MovementScore.on_step: state.model is not the model this MovementScore was built for")
+            raise ValueError("MovementScore: state.model is not the model this MovementScore was built for")
         found = False
         with torch.no_grad():
             for n, m in self._modules.items():
                 g = _original(m).grad
                 if g is not None:
-                    self._score[n] -= (g * self._before[n]).to(torch.float32)
+                    self._score[n] -= (g * m.weight.detach()).to(torch.float32)
                     found = True
-                self._before[n] = m.weight.detach().clone()
         if not found:
             raise RuntimeError(
-                "MovementScore.on_step found no gradients: call it after loss.backward() and optimizer.step(), "
-                "before the next optimizer.zero_grad()"
+                "MovementScore found no gradients: call it after loss.backward() and before optimizer.step()"
             )
         self.steps += 1
 
-    __call__ = on_step
+    def step(self) -> None:
+        """The same as :meth:`on_after_backward`, for a hand-written loop."""
+        self.on_after_backward()
 
     def scores(self) -> Dict[str, torch.Tensor]:
         """``{name: S}`` (a copy), shaped like the weights, higher = keep."""
@@ -213,7 +216,7 @@ def wanda_input_norms(model: nn.Module, data, num_batches: Optional[int] = None)
     """``||X_j||_2`` for every input feature j of every prunable layer, over all calibration samples:
     ``{name: (fan_in,)}`` (for a convolution: ``(groups, in/groups * k1 * k2)``, the unfolded im2col columns).
 
-    Collected with forward pre-hooks on the layers; every example, token and output position is a sample.
+    The input statistic of Wanda {cite}`sun2023simple` (survey §3.3). Collected with forward pre-hooks on the layers; every example, token and output position is a sample.
     Linear, Conv1d and Conv2d layers; Conv3d raises ValueError.
     """
     items = batches(data, model, num_batches)
@@ -280,8 +283,13 @@ def wanda(model: nn.Module, data, loss_fn=None, num_batches: Optional[int] = Non
 
 def per_row_masks(scores: Dict[str, torch.Tensor], current: Dict[str, torch.Tensor],
                   sparsities: Dict[str, float]) -> Dict[str, torch.Tensor]:
-    """In every output row of layer l keep the highest-scoring weights so that ``round(s_l * fan_in)`` of the row
-    are removed (weights already masked count as removed). Layers missing from ``sparsities`` keep their mask."""
+    """Wanda's comparison group {cite}`sun2023simple`: in every output row i of layer l keep the weights with the
+    highest ``scores[l][i, :]`` so that ``round(s_l * fan_in)`` of the row are removed (weights already masked
+    count as removed)::
+
+        mask_ij = [ rank of S_ij within row i  >=  round(s_l * fan_in) ]   (rank 0 = lowest)
+
+    Layers missing from ``sparsities`` keep their mask. Survey §3.1 (structure of the selection)."""
     masks = {}
     for n, alive in current.items():
         if n not in sparsities:
