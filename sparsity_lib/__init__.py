@@ -16,6 +16,7 @@ from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, 
 from .pruning import prune
 from . import data, models, train
 from . import formats
+from . import compare
 from . import viz, widgets
 
 __version__ = "0.1.0"
@@ -25,5 +26,6 @@ __all__ = [
     "budgets", "config", "schedules", "scores", "select",
     "data", "models", "train",
     "formats",
+    "compare",
     "viz", "widgets",
 ]
