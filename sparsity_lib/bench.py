@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -139,7 +140,8 @@ def chapter_table(folder: pathlib.Path, timeout: int = 600) -> str:
             client.execute()
             status = "ok"
         except Exception as error:  # report the failure and go on with the next chapter
-            status = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[-1][:100] if str(error).strip() else ''}"
+            message = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # drop the terminal colours
+            status = f"failed: {type(error).__name__}: {message.splitlines()[-1][:100] if message else ''}"
         elapsed = time.perf_counter() - start
         lines.append(f"| {path.name} | {elapsed:.1f} | {status} |")
         print(lines[-1], file=sys.stderr, flush=True)
