@@ -441,8 +441,9 @@ def pruning_explorer(sweep_results: Mapping[tuple, dict], layer: Optional[str] =
             ax_mask.text(0.5, 0.5, "skipped:\n" + record["skipped"], ha="center", va="center", wrap=True,
                          transform=ax_mask.transAxes)
 
+    formats = {"sparsity": lambda s: f"{100 * s:.4g}%", "structure": structure_label}
     return Explorer(controls, lookup, render, figsize=figsize, initial=start,
-                    formats={"sparsity": lambda s: f"{100 * s:.4g}%", "structure": structure_label})
+                    formats={name: fmt for name, fmt in formats.items() if name in controls})
 
 
 __all__ = ["Explorer", "sweep", "pruning_explorer", "structure_label"]

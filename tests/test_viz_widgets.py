@@ -356,3 +356,11 @@ def test_pruning_explorer_responds_without_pruning_or_training(results, monkeypa
     assert explorer.render_count == count + 3
     with pytest.raises(ValueError, match="layer"):
         widgets.pruning_explorer(results, layer="conv1.weight")
+
+
+def test_pruning_explorer_hides_single_valued_pickers(results):
+    unstructured = {k: r for k, r in results.items() if k[2] is None and k[0] == "magnitude"}
+    explorer = widgets.pruning_explorer(unstructured)
+    assert list(explorer.controls) == ["sparsity", "scope"]
+    explorer.controls["scope"].value = "layerwise"
+    assert explorer.last_record is results[("magnitude", "layerwise", None, 0.9)]
