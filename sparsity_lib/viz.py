@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, Optional, Sequence
 
 import matplotlib
@@ -171,15 +172,19 @@ def accuracy_vs_sparsity(results: Mapping[str, tuple], ax=None, x: str = "sparsi
             raise ValueError(f"results[{label!r}]: logit_x needs sparsities in [0, 1), got {xs.tolist()}")
         order = np.argsort(xs, kind="stable")
         xs, values = xs[order], values[:, order]
-        mean = np.nanmean(values, axis=0)
+        with warnings.catch_warnings():  # a sparsity where every seed is NaN (skipped) is simply not drawn
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(values, axis=0)
         color = None if colors is None else colors[i % len(colors)]
         (line,) = ax.plot(xs, mean, marker="o" if markers else None, label=str(label), color=color)
         if spread is not None and values.shape[0] > 1:
-            if spread == "minmax":
-                low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
-            else:
-                std = np.nanstd(values, axis=0)
-                low, high = mean - std, mean + std
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                if spread == "minmax":
+                    low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+                else:
+                    std = np.nanstd(values, axis=0)
+                    low, high = mean - std, mean + std
             ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     if logit_x:
         _log_density_axis(ax, "x")
@@ -374,8 +379,8 @@ def sparsity_curve(steps, sparsities, ax=None, label: Optional[str] = None, xlab
         >>> s = [sl.schedules.polynomial(t, 0.0, 0.9, 100, 800) for t in steps]
         >>> ax = sparsity_curve(steps, s, label="cubic, 0 -> 90%")
     """
-    xs = _to_numpy(list(steps) if not hasattr(steps, "__array__") else steps).astype(float).reshape(-1)
-    ys = _to_numpy(list(sparsities) if not hasattr(sparsities, "__array__") else sparsities).astype(float).reshape(-1)
+    as_array = lambda v: _to_numpy(v if hasattr(v, "__len__") else list(v)).astype(float).reshape(-1)  # noqa: E731
+    xs, ys = as_array(steps), as_array(sparsities)
     if len(xs) != len(ys):
         raise ValueError(f"steps and sparsities must have the same length, got {len(xs)} and {len(ys)}")
     ax = _new_axes(ax)

@@ -8,13 +8,15 @@ figure. Three pieces:
   precomputed record for the current values, and a ``render`` that draws a record on a matplotlib Figure.
 * :func:`sweep`: the precomputation behind the pruning explorer: prune copies of a trained model with every
   method x scope x structure x sparsity, evaluate them, keep accuracy, loss and masks.
-* :func:`pruning_explorer`: the book's reusable explorer of a :func:`sweep` (accuracy curve, mask, layer bars).
+* :func:`pruning_explorer`: the book's reusable explorer of a :func:`sweep` (accuracy curve, mask, layer bars);
+  :func:`curves` turns a sweep into the static accuracy-vs-sparsity figure that goes next to it.
 
 In the rendered book there is no kernel, so a widget is frozen; the chapters show the full sweep next to it in a
 static figure. Ending a cell with an explorer displays the widget and nothing else (no callback repr)::
 
     results = sl.widgets.sweep(model, task, [0.0, 0.5, 0.8, 0.9, 0.95, 0.98])
-    sl.widgets.pruning_explorer(results)
+    sl.viz.accuracy_vs_sparsity(sl.widgets.curves(results, structure=None), logit_x=True);   # static
+    sl.widgets.pruning_explorer(results)                                                     # live
 
 ipywidgets is imported only when a widget is built, so ``import sparsity_lib`` works without it.
 """
@@ -316,25 +318,24 @@ def sweep(model: nn.Module, task, sparsities: Iterable[float], methods: Sequence
     results: Dict[tuple, dict] = {}
     for method, scope, structure, sparsity in itertools.product(methods, scopes, structures, sparsities):
         spec = specs[method]
-        options = {}
-        if "seed" in inspect.signature(spec.score or spec.pruner).parameters:
-            options["seed"] = seed
-        torch.manual_seed(seed)
-        pruned = copy.deepcopy(model)
-        try:
-            masks = prune(pruned, sparsity, method=method, scope=_scope_argument(pruned, scope, sparsity),
-                          structure=structure, data=data if spec.needs_data else None,
-                          loss_fn=loss_fn if spec.needs_data else None, **options)
-        except ValueError as error:
-            results[(method, scope, structure, sparsity)] = {
-                "accuracy": float("nan"), "loss": float("nan"), "masks": None, "densities": None,
-                "sparsity": float("nan"), "skipped": str(error),
-            }
-            continue
-        if finetune is not None:
-            finetune(pruned)
-            masks = get_masks(pruned)
-        metrics = _metrics(evaluate(pruned, task))
+        options = {"seed": seed} if "seed" in inspect.signature(spec.score or spec.pruner).parameters else {}
+        with torch.random.fork_rng(devices=[]):  # seeded per point, and the caller's RNG state is left alone
+            torch.manual_seed(seed)
+            pruned = copy.deepcopy(model)
+            try:
+                masks = prune(pruned, sparsity, method=method, scope=_scope_argument(pruned, scope, sparsity),
+                              structure=structure, data=data if spec.needs_data else None,
+                              loss_fn=loss_fn if spec.needs_data else None, **options)
+            except ValueError as error:  # an invalid combination (the library's validation): record why
+                results[(method, scope, structure, sparsity)] = {
+                    "accuracy": float("nan"), "loss": float("nan"), "masks": None, "densities": None,
+                    "sparsity": float("nan"), "skipped": str(error),
+                }
+                continue
+            if finetune is not None:
+                finetune(pruned)
+                masks = get_masks(pruned)
+            metrics = _metrics(evaluate(pruned, task))
         masks = {name: mask.detach().to("cpu", torch.bool).clone() for name, mask in masks.items()}
         kept = sum(int(m.sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
@@ -346,6 +347,57 @@ def sweep(model: nn.Module, task, sparsities: Iterable[float], methods: Sequence
             "skipped": None,
         }
     return results
+
+
+KEY_FIELDS = ("method", "scope", "structure")
+
+
+def curves(sweep_results, metric: str = "accuracy", **fixed) -> Dict[str, tuple]:
+    """Turn :func:`sweep` results into the ``{label: (sparsities, values)}`` of
+    :func:`sparsity_lib.viz.accuracy_vs_sparsity`: the static figure of a whole sweep, next to its explorer.
+
+    ``fixed`` picks one value of some key fields (``method=``, ``scope=``, ``structure=``); there is one curve per
+    combination of the other fields, labelled by their values (e.g. ``"magnitude, global"``). ``metric`` is a
+    record field (``"accuracy"``, ``"loss"``, ``"sparsity"``). Skipped points are left out. ``sweep_results`` may
+    also be a list of sweeps of the same grid, one per seed: then ``values`` has shape ``(seeds, S)`` (over the
+    sparsities valid in every seed) and the figure shows the spread over seeds.
+
+    Example::
+
+        >>> runs = [sweep(model, task, [0.0, 0.5, 0.9], seed=s) for s in range(3)]
+        >>> sl.viz.accuracy_vs_sparsity(curves(runs, scope="global", structure=None), logit_x=True);
+    """
+    runs = [sweep_results] if isinstance(sweep_results, Mapping) else list(sweep_results)
+    if not runs or not all(isinstance(r, Mapping) for r in runs):
+        raise TypeError("sweep_results must be the dict returned by sweep, or a list of them (one per seed)")
+    for name in fixed:
+        if name not in KEY_FIELDS:
+            raise ValueError(f"fixed fields must be among {KEY_FIELDS}, got {name!r}")
+    fixed = {name: _structure_key(value) if name == "structure" else value for name, value in fixed.items()}
+    free = [i for i, name in enumerate(KEY_FIELDS) if name not in fixed]
+    groups: Dict[tuple, list] = {}
+    for key in runs[0]:
+        if all(key[KEY_FIELDS.index(name)] == value for name, value in fixed.items()):
+            groups.setdefault(tuple(key[i] for i in free), []).append(key[3])
+    out = {}
+    for group, sparsities in groups.items():
+        points = []
+        for sparsity in sorted(sparsities):
+            key = list(fixed.get(name) for name in KEY_FIELDS)
+            for i, value in zip(free, group):
+                key[i] = value
+            key = (*key, sparsity)
+            records = [run.get(key) for run in runs]
+            if all(r is not None and r.get("skipped") is None for r in records):
+                if metric not in records[0]:
+                    raise ValueError(f"metric must be a record field such as 'accuracy' or 'loss', got {metric!r}")
+                points.append((sparsity, [float(r[metric]) for r in records]))
+        if points:
+            label = ", ".join(structure_label(v) if KEY_FIELDS[i] == "structure" else str(v)
+                              for i, v in zip(free, group)) or str(metric)
+            values = np.array([p[1] for p in points]).T  # (seeds, S)
+            out[label] = ([p[0] for p in points], values if len(runs) > 1 else values[0])
+    return out
 
 
 # -------------------------------------------------------------------------------------------- the explorer
@@ -414,16 +466,11 @@ def pruning_explorer(sweep_results: Mapping[tuple, dict], layer: Optional[str] =
     def render(record, fig, **values):
         v = {**fixed, **values}
         ax_curve, ax_mask, ax_bars = fig.subplots(1, 3, width_ratios=[1.2, 1.0, 1.0])
-        curves = {}
-        for scope in scopes:
-            points = [(s, sweep_results.get((v["method"], scope, v["structure"], s))) for s in sparsities]
-            points = [(s, r["accuracy"]) for s, r in points if r is not None and r.get("skipped") is None]
-            if points:
-                curves[scope] = ([p[0] for p in points], [p[1] for p in points])
+        by_scope = curves(sweep_results, method=v["method"], structure=v["structure"])
         title = f"{v['method']}, {structure_label(v['structure'])}"
-        if curves:
-            viz.accuracy_vs_sparsity(curves, ax=ax_curve, logit_x=logit_x, title=title,
-                                     colors=[colors[scope] for scope in curves])
+        if by_scope:
+            viz.accuracy_vs_sparsity(by_scope, ax=ax_curve, logit_x=logit_x, title=title,
+                                     colors=[colors[scope] for scope in by_scope])
         else:
             ax_curve.set_title(title)
             ax_curve.text(0.5, 0.5, "no valid point", ha="center", va="center", transform=ax_curve.transAxes)
@@ -446,4 +493,4 @@ def pruning_explorer(sweep_results: Mapping[tuple, dict], layer: Optional[str] =
                     formats={name: fmt for name, fmt in formats.items() if name in controls})
 
 
-__all__ = ["Explorer", "sweep", "pruning_explorer", "structure_label"]
+__all__ = ["Explorer", "sweep", "curves", "pruning_explorer", "structure_label"]

@@ -294,6 +294,32 @@ def test_sweep_global_magnitude_masks_match_numpy_topk(trained, results):
         np.testing.assert_array_equal(masks[name].numpy(), np.abs(w) >= threshold)
 
 
+def test_curves_feed_accuracy_vs_sparsity(trained, results):
+    model, task = trained
+    by_method = widgets.curves(results, scope="global", structure=None)
+    assert list(by_method) == ["magnitude", "random"]
+    xs, values = by_method["random"]
+    assert xs == SPARSITIES
+    assert list(values) == [results[("random", "global", None, s)]["accuracy"] for s in SPARSITIES]
+    nm = widgets.curves(results, method="magnitude", structure=(2, 4))
+    assert nm == {"global": ([0.5], [results[("magnitude", "global", (2, 4), 0.5)]["accuracy"]]),
+                  "layerwise": ([0.5], [results[("magnitude", "layerwise", (2, 4), 0.5)]["accuracy"]])}
+    assert set(widgets.curves(results, method="random")) == {"global, unstructured", "global, 2:4",
+                                                              "layerwise, unstructured", "layerwise, 2:4"}
+    # Several seeds: values (seeds, S), and the figure's band spans them.
+    state = torch.get_rng_state()
+    runs = [widgets.sweep(model, task, [0.5, 0.9], methods=("random",), scopes=("global",), seed=s) for s in (0, 1)]
+    assert torch.equal(torch.get_rng_state(), state), "sweep leaves the caller's RNG alone"
+    per_seed = widgets.curves(runs, metric="loss")
+    xs, values = per_seed["random, global, unstructured"]
+    assert xs == [0.5, 0.9] and values.shape == (2, 2)
+    assert values[1, 1] == runs[1][("random", "global", None, 0.9)]["loss"]
+    ax = viz.accuracy_vs_sparsity(per_seed)
+    assert len(ax.lines) == 1 and len(ax.collections) == 1
+    with pytest.raises(ValueError, match="fixed fields"):
+        widgets.curves(results, seed=0)
+
+
 def test_sweep_records_invalid_combinations_instead_of_raising(results):
     record = results[("magnitude", "global", (2, 4), 0.9)]
     assert "1 - n/m" in record["skipped"]
