@@ -25,14 +25,29 @@ PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class Mask(nn.Module):
-    """Parametrization ``W -> W * mask`` with a boolean ``mask`` buffer (saved in ``state_dict``)."""
+    """Parametrization ``W -> W * mask`` with a boolean ``mask`` buffer (saved in ``state_dict``).
+
+    The multiplication uses a floating-point copy of the mask (multiplying a float tensor by a bool tensor
+    converts the bool tensor on every call, which made a masked training step of LeNet-300-100 ~25% slower than
+    a dense one). The copy is a non-persistent buffer, so ``state_dict`` holds only the boolean mask; it is
+    refreshed whenever ``mask`` changes (in-place edits and ``load_state_dict`` included), detected through the
+    tensor's version counter.
+    """
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
         self.register_buffer("mask", mask.detach().clone().to(torch.bool))
+        self.register_buffer("multiplier", self.mask.to(torch.get_default_dtype()), persistent=False)
+        self._synced = self._mask_version()
+
+    def _mask_version(self):
+        return (self.mask.data_ptr(), self.mask._version)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        if self._synced != self._mask_version() or self.multiplier.dtype != weight.dtype:
+            self.multiplier = self.mask.to(device=weight.device, dtype=weight.dtype)
+            self._synced = self._mask_version()
+        return weight * self.multiplier
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum())

@@ -140,3 +140,18 @@ def test_sparsity_report(mlp):
     assert report.loc["total", "params"] == 16 * 40 + 40 * 24 + 24 * 5
     assert report.loc["0.weight", "nonzeros"] == 320
     assert report["sparsity"].tolist() == pytest.approx([0.5, 0.5, 0.5, 0.5], abs=1e-3)
+
+
+def test_mask_changes_are_followed_by_forward(mlp):
+    """The float multiplier kept for speed must follow every change of the boolean mask."""
+    sl.apply_masks(mlp, random_masks(mlp, 0.5, seed=1))
+    other = copy.deepcopy(mlp)
+    sl.apply_masks(other, random_masks(other, 0.2, seed=2))
+    x = torch.randn(3, 16)
+    mlp(x)  # the multiplier is in use
+    mlp.load_state_dict(other.state_dict())
+    assert torch.equal(mlp(x), other(x))
+    mlp[0].parametrizations.weight[0].mask.zero_()  # an in-place edit
+    assert (mlp[0].weight == 0).all()
+    mlp.double()
+    assert mlp(x.double()).dtype == torch.float64
