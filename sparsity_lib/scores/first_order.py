@@ -24,8 +24,7 @@ from torch.nn import functional as F
 
 from ..masks import _check_has_prunable, _original
 from . import register, register_pruner
-from ._common import (batch_size, batches, broadcast_rows, check_loss_fn, effective_weights, scoring,
-                      weight_params)
+from ._common import batches, broadcast_rows, check_loss_fn, effective_weights, scoring, weight_params
 
 
 def _grads(model, params: Dict[str, torch.Tensor], x, y, loss_fn, create_graph: bool = False, scale=None):
