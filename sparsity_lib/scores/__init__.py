@@ -138,3 +138,4 @@ from .activations import (NEURON_CRITERIA, activation_statistics, apoz, mean_act
 from .first_order import (MovementScore, movement, per_row_masks, taylor, taylor_neuron, taylor_per_neuron,  # noqa: E402,F401
                           wanda, wanda_input_norms)
 from .at_init import grasp, hessian_gradient_product, layer_connectivity, linearized_copy, snip, synflow  # noqa: E402,F401
+from .activations import prune_neurons_iteratively, remove_lowest_neurons  # noqa: E402,F401  (Chapter 05)

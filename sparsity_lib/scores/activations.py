@@ -272,3 +272,117 @@ def oracle_neuron_loss_increase(model: nn.Module, layer_name: str, data, loss_fn
 
 __all__ = ["activation_statistics", "output_sensitivity_per_neuron", "apoz", "mean_activation", "output_sensitivity",
            "neuron_scores", "oracle_neuron_loss_increase", "NEURON_CRITERIA"]
+
+
+# ------------------------------------------------------------------------ removing neurons (Chapter 05)
+def _alive_neurons(model: nn.Module, layer_name: str) -> torch.Tensor:
+    """``(out,)`` bool: neuron j is alive while row j of the layer's mask keeps at least one weight."""
+    from ..masks import get_masks
+
+    mask = get_masks(model)[layer_name]
+    return mask.reshape(mask.shape[0], -1).any(1)
+
+
+def _check_layer(model: nn.Module, layer_name: str) -> nn.Module:
+    from ..masks import _check_has_prunable
+
+    modules = _check_has_prunable(model)
+    if layer_name not in modules:
+        raise ValueError(f"layer_name: unknown layer {layer_name!r}; prunable weights are {list(modules)}")
+    return modules[layer_name]
+
+
+def _check_count(count, alive: int) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be a non-negative integer, got {count!r}")
+    if count > alive:
+        raise ValueError(f"count={count} but only {alive} neurons of the layer are still alive")
+    return int(count)
+
+
+def remove_lowest_neurons(model: nn.Module, layer_name: str, scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Remove, in place, the ``count`` *alive* neurons of one layer with the lowest ``scores``; return their
+    indices (lowest score first, ties broken by the lower index).
+
+    Removing neuron j of layer ``l`` means ``W_l[j, :] = 0`` (a :class:`sparsity_lib.masks.Mask` on row j,
+    added to the masks already there) and ``b_l[j] = 0``, so that the neuron's output ``z_j`` is exactly zero
+    on every input: the removal whose loss change :func:`oracle_neuron_loss_increase` measures, and whose
+    first-order estimate is the group Taylor score of Molchanov et al. {cite}`molchanov2019importance`
+    (survey §3.3, §3.4). A neuron is alive while its row keeps at least one weight; removed neurons are
+    skipped, so repeated calls remove more (use it on a copy to keep the original).
+
+    ``scores``: ``(out,)`` tensor, higher = keep (e.g. ``neuron_scores(model, "taylor", data)[layer_name]``).
+    The bias is set to zero, not masked: this is a removal for evaluation; if you train afterwards, the bias of
+    a removed neuron can grow again (use ``sl.prune(..., structure="neuron")`` to prune rows for training).
+    Arguments are checked before anything changes. Defined in Chapter 05.
+    """
+    from ..masks import apply_masks, get_masks
+
+    module = _check_layer(model, layer_name)
+    n_out = module.weight.shape[0]
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor of shape ({n_out},), got {type(scores).__name__}")
+    if tuple(scores.shape) != (n_out,):
+        raise ValueError(f"scores must have shape ({n_out},) (one per neuron of {layer_name}), got {tuple(scores.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contains NaN")
+    alive = _alive_neurons(model, layer_name)
+    count = _check_count(count, int(alive.sum()))
+    candidates = torch.nonzero(alive.cpu()).reshape(-1)
+    order = torch.sort(scores.detach().cpu().double()[candidates], stable=True).indices
+    removed = candidates[order[:count]]
+    if count == 0:
+        return removed
+    mask = get_masks(model)[layer_name].clone()
+    mask[removed.to(mask.device)] = False
+    apply_masks(model, {layer_name: mask})
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        with torch.no_grad():
+            bias[removed.to(bias.device)] = 0.0
+    return removed
+
+
+def prune_neurons_iteratively(model: nn.Module, layer_name: str, count: int, criterion: str = "taylor", data=None,
+                              loss_fn=None, step: int = 1, **options) -> torch.Tensor:
+    """Remove ``count`` neurons of one layer in rounds, re-scoring after every round; return the removed indices
+    in the order they went.
+
+    Each round scores the alive neurons with ``criterion`` on the *current* (already thinned) network and
+    removes the ``step`` lowest (:func:`remove_lowest_neurons`; the last round removes what is left of
+    ``count``)::
+
+        repeat until count neurons are gone:   s = score(model);   remove the step alive neurons with lowest s
+
+    This is the iterative procedure of Molchanov et al. {cite}`molchanov2017pruning`
+    {cite}`molchanov2019importance` without their fine-tuning between rounds (survey §3.4): a score is a
+    statement about removing *one* neuron from the network it was computed on, so after a few removals it is
+    computed again. ``criterion``: one of :data:`NEURON_CRITERIA` (through :func:`neuron_scores`, with
+    ``options``), or ``"oracle"`` (:func:`oracle_neuron_loss_increase` of this layer: greedy removal by the true
+    loss increase; expensive). ``step >= count`` is one-shot removal. In place, like
+    :func:`remove_lowest_neurons`. Defined in Chapter 05.
+    """
+    _check_layer(model, layer_name)
+    if criterion not in NEURON_CRITERIA + ("oracle",):
+        raise ValueError(f"criterion must be one of {NEURON_CRITERIA + ('oracle',)}, got {criterion!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be a positive integer, got {step!r}")
+    count = _check_count(count, int(_alive_neurons(model, layer_name).sum()))
+    if criterion not in ("l1_norm",) and data is None:
+        raise ValueError(f"criterion {criterion!r} is data-driven: pass data (an iterable of (inputs, targets) batches)")
+    if criterion == "oracle" and options:
+        raise TypeError(f"criterion 'oracle' takes no options here, got {sorted(options)}")
+    removed = []
+    done = 0
+    while done < count:
+        if criterion == "oracle":
+            scores = oracle_neuron_loss_increase(model, layer_name, data, loss_fn)
+        else:
+            scores = neuron_scores(model, criterion, data, loss_fn, **options)[layer_name]
+        k = min(step, count - done)
+        removed.append(remove_lowest_neurons(model, layer_name, scores, k))
+        done += k
+    return torch.cat(removed) if removed else torch.zeros(0, dtype=torch.long)
+
+
+__all__ += ["remove_lowest_neurons", "prune_neurons_iteratively"]
