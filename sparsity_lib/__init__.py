@@ -18,6 +18,7 @@ from . import data, models, train
 from . import formats
 from . import compare
 from . import viz, widgets
+from . import lottery
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,5 @@ __all__ = [
     "formats",
     "compare",
     "viz", "widgets",
+    "lottery",
 ]
