@@ -179,10 +179,33 @@ def remove_masks(model: nn.Module) -> nn.Module:
     """
     for module in _prunable_modules(model).values():
         if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            _remove_weight_parametrization(module)
             # Linear and Conv register weight before bias: restore that order so state_dict keys read as before
             module._parameters = {"weight": module._parameters.pop("weight"), **module._parameters}
     return model
+
+
+def _remove_weight_parametrization(module: nn.Module) -> None:
+    """Turn a masked ``weight`` back into a plain parameter holding ``original * mask``.
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the ``weight`` property from the module's
+    class, but ``copy.deepcopy`` of a parametrized module *shares* that dynamically created class with the
+    original: unmasking a copy would break the original model. When the mask is the only parametrization of the
+    module (always so for masks made by this library), we instead restore the module's own class on this
+    instance alone, which leaves every other instance untouched. The ``Parameter`` object is kept (as torch does),
+    so optimizers that hold it keep working.
+    """
+    plist = module.parametrizations
+    only_our_mask = list(plist.keys()) == ["weight"] and len(plist["weight"]) == 1 and isinstance(plist["weight"][0], Mask)
+    if not only_our_mask:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        return
+    original = plist["weight"].original
+    with torch.no_grad():
+        original.mul_(plist["weight"][0].mask.to(original.dtype))
+    del module._modules["parametrizations"]
+    module.__class__ = module.__class__.__bases__[0]  # the class before parametrization, e.g. nn.Linear
+    module.register_parameter("weight", original)
 
 
 def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:

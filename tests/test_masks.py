@@ -155,3 +155,28 @@ def test_mask_changes_are_followed_by_forward(mlp):
     assert (mlp[0].weight == 0).all()
     mlp.double()
     assert mlp(x.double()).dtype == torch.float64
+
+
+def test_unmasking_a_deepcopy_leaves_the_original_masked(mlp):
+    """A deep copy shares torch's generated ParametrizedLinear class with the original: unmasking one must not
+    strip the other's weight property."""
+    masks = random_masks(mlp)
+    sl.apply_masks(mlp, masks)
+    x = torch.randn(3, 16)
+    before = mlp(x)
+    clone = sl.remove_masks(copy.deepcopy(mlp))
+    assert not sl.masks.is_masked(clone) and sl.masks.is_masked(mlp)
+    assert torch.equal(mlp(x), before) and torch.equal(clone(x), before)
+    assert torch.equal(sl.get_masks(mlp)["0.weight"], masks["0.weight"])
+    sl.remove_masks(mlp)
+    assert torch.equal(mlp(x), before)
+    assert type(mlp[0]) is nn.Linear and type(clone[0]) is nn.Linear
+
+
+def test_remove_masks_keeps_the_parameter_object(mlp):
+    sl.apply_masks(mlp, random_masks(mlp))
+    original = mlp[0].parametrizations.weight.original
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    sl.remove_masks(mlp)
+    assert mlp[0].weight is original
+    assert any(p is original for group in optimizer.param_groups for p in group["params"])
