@@ -187,3 +187,102 @@ def mnist1d_cnn(channels: int = 32, num_classes: int = 10, *, seed: Optional[int
 
 
 __all__ = ["ACTIVATIONS", "MLP", "mlp", "lenet_300_100", "DigitsCNN", "MNIST1DCNN", "digits_cnn", "mnist1d_cnn"]
+
+
+# ------------------------------------------------------------------------------- shrinking after neuron pruning
+def shrink_mlp(model: MLP) -> MLP:
+    """The small *dense* :class:`MLP` that neuron pruning leaves: a new model with the same outputs as ``model``
+    and every removable hidden neuron physically deleted. ``model`` is not changed.
+
+    Neuron (row) pruning (survey §3.1; ``sl.prune(model, s, structure="neuron")``) zeroes whole rows of a weight
+    matrix, but the masked model still multiplies full-size matrices. Here the rows really go. For hidden layer
+    :math:`\\ell` with weights :math:`W_\\ell` (the effective ones, :math:`w \\odot m`), bias :math:`b_\\ell` and
+    activation :math:`\\sigma`, a hidden neuron :math:`j` is removed when
+
+    * its incoming row is zero, :math:`W_\\ell[j, :] = 0`: its output is the constant :math:`\\sigma(b_{\\ell,j})`,
+      which is folded into the next layer's bias,
+      :math:`b_{\\ell+1} \\leftarrow b_{\\ell+1} + W_{\\ell+1}[:, j]\\, \\sigma(b_{\\ell,j})`, and column :math:`j`
+      of :math:`W_{\\ell+1}` is deleted with row :math:`j` of :math:`W_\\ell`; or
+    * its outgoing column is zero, :math:`W_{\\ell+1}[:, j] = 0`: it has no effect on the output.
+
+    The first rule runs forward through the layers (a neuron whose only inputs were constant neurons becomes
+    constant itself), the second backward. A constant neuron with :math:`\\sigma(b_j) \\ne 0` is kept when the
+    next layer has no bias to absorb it (``bias=False`` with e.g. softplus), and every hidden layer keeps at
+    least one neuron, so the outputs stay exactly those of ``model`` (up to float rounding). The input and
+    output layers keep their sizes.
+
+    What is left is a plain dense network, e.g. ``64-30-10-10`` after pruning 90% of the neurons of both hidden
+    layers of LeNet-300-100: it runs with ordinary dense matrix products on any hardware (survey §7, §8.4;
+    Li et al. {cite}`li2017pruning` for filters, Liu et al. {cite}`liu2019rethinking` on the pruned
+    architecture as a small dense network). Weight zeros *inside* the kept rows (unstructured sparsity) are
+    kept as stored zeros; the result carries no masks.
+
+    Arguments:
+        model: a :class:`MLP` (e.g. from :func:`lenet_300_100`), masked or not.
+
+    Returns:
+        a new :class:`MLP` on the same device and dtype; ``new.hidden`` holds the kept widths.
+
+    Defined in Chapter 03.
+
+    Example::
+
+        >>> net = lenet_300_100(seed=0)
+        >>> sl.prune(net, 0.9, structure="neuron", scope="layerwise", exclude=["fc3.weight"])
+        >>> small = shrink_mlp(net)
+        >>> small.hidden
+        (30, 10)
+        >>> x = torch.randn(5, 64)
+        >>> bool(torch.allclose(small(x), net(x), atol=1e-5))
+        True
+    """
+    if not isinstance(model, MLP):
+        raise TypeError(f"model must be a sparsity_lib.models.MLP (e.g. from sl.models.mlp or lenet_300_100), "
+                        f"got {type(model).__name__}")
+    layers = model.layers()
+    with torch.no_grad():
+        # effective weights (original * mask when masked) and biases, as float copies on the model's device
+        weights = [layer.weight.detach().clone() for layer in layers]
+        biases = [None if layer.bias is None else layer.bias.detach().clone() for layer in layers]
+        keep = [torch.ones(w.shape[0], dtype=torch.bool, device=w.device) for w in weights[:-1]]
+
+        # forward: neurons with a zero incoming row are constant; fold them into the next layer's bias
+        for i in range(len(weights) - 1):
+            constant = (weights[i] == 0).all(dim=1)
+            bias = biases[i] if biases[i] is not None else torch.zeros_like(weights[i][:, 0])
+            value = model._act(bias)  # the constant output of each neuron (used only where constant)
+            foldable = constant & ((value == 0) | torch.tensor(biases[i + 1] is not None, device=bias.device))
+            if biases[i + 1] is not None:
+                biases[i + 1] += weights[i + 1][:, foldable] @ value[foldable]
+            keep[i] = ~foldable
+            weights[i + 1][:, foldable] = 0.0  # their contribution now lives in the bias
+
+        # backward: neurons whose outgoing column is zero do not affect the output
+        for i in range(len(weights) - 2, -1, -1):
+            silent = (weights[i + 1] == 0).all(dim=0)
+            keep[i] &= ~silent
+            weights[i][~keep[i], :] = 0.0  # removed rows; columns of the layer below may become silent
+
+        for i, k in enumerate(keep):  # every hidden layer keeps at least one neuron (an MLP has no empty layer)
+            if not bool(k.any()):
+                k[0] = True  # a removable neuron (folded or silent) kept as a placeholder that contributes nothing
+                weights[i][0, :] = 0.0
+                if biases[i] is not None:
+                    biases[i][0] = 0.0
+                weights[i + 1][:, 0] = 0.0  # so whatever it outputs is multiplied by zero
+
+        widths = [int(k.sum()) for k in keep]
+        first = layers[0]
+        new = MLP(model.in_features, widths, model.out_features, activation=model.activation,
+                  bias=first.bias is not None).to(device=first.weight.device, dtype=first.weight.dtype)
+        for i, layer in enumerate(new.layers()):
+            rows = keep[i] if i < len(keep) else slice(None)
+            cols = keep[i - 1] if i > 0 else slice(None)
+            layer.weight.copy_(weights[i][rows][:, cols])
+            if layer.bias is not None:
+                layer.bias.copy_(biases[i][rows])
+    new.train(model.training)
+    return new
+
+
+__all__ += ["shrink_mlp"]
