@@ -19,6 +19,7 @@ from . import formats
 from . import compare
 from . import viz, widgets
 from . import lottery
+from . import hessian
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "compare",
     "viz", "widgets",
     "lottery",
+    "hessian",
 ]
