@@ -58,23 +58,6 @@ _PARAM_STATE = re.compile(r"^(?:.*\.)?parametrizations\.[^.]+\.\d+\.")
 
 
 # ------------------------------------------------------------------------------------------ capturing states
-def _independent_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` whose parametrized modules get classes of their own.
-
-    A deep copy of a parametrized module shares its dynamically created class (``ParametrizedLinear``) with the
-    original, and ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the ``weight`` property *from that
-    class*: removing the masks of a plain deep copy would break the original model. Here each parametrized
-    module of the copy gets an identical class of its own first, so the copy can be unmasked safely.
-    """
-    replica = copy.deepcopy(model)
-    for module in replica.modules():
-        if parametrize.is_parametrized(module):
-            cls = module.__class__
-            body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, cls.__bases__, body)
-    return replica
-
-
 def capture(model: nn.Module) -> Dict[str, torch.Tensor]:
     """A detached copy of ``model.state_dict()``: the weights to rewind to later (:math:`\\theta_0`, :math:`\\theta_k`).
 
@@ -229,7 +212,7 @@ def reinitialize(model: nn.Module, seed: Optional[int] = None) -> nn.Module:
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-    fresh = remove_masks(_independent_copy(model))
+    fresh = remove_masks(copy.deepcopy(model))
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
@@ -408,7 +391,7 @@ def imp(model: nn.Module, train_fn: Callable[[nn.Module], object], rounds: int, 
         budget = {n: 1.0 - (1.0 - start_sparsity[n]) * (1.0 - rates[n]) ** r for n in names}
         return overall, budget
 
-    trial = _independent_copy(model)  # a dry run of the first pruning: fails early on a bad method or option
+    trial = copy.deepcopy(model)  # a dry run of the first pruning: fails early on a bad method or option
     sparsity_1, scope_1 = target(1)
     prune(trial, sparsity_1, scope=scope_1, **prune_options)
     del trial
@@ -608,7 +591,7 @@ def edge_popup(model: nn.Module, data, sparsity: Union[float, Mapping[str, float
     task = _as_task(data)
     current = get_masks(model)
 
-    net = remove_masks(_independent_copy(model))
+    net = remove_masks(copy.deepcopy(model))
     for p in net.parameters():
         p.requires_grad_(False)
     modules = _prunable_modules(net)
