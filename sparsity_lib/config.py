@@ -53,11 +53,12 @@ def setup(seed: int = 0, threads: int | None = None, quiet: bool = False) -> str
     """The first call of every chapter: seeds, thread count, deterministic kernels; returns a one-line summary.
 
     ``threads`` defaults to the number of cores, at most 2 at FAST scale (the CI machine has two), so timings in
-    the book are comparable.
+    the book are comparable. When pytest-xdist runs several notebooks at once (``make test``), each kernel takes
+    its share of the cores instead, since oversubscribed threads make these small models many times slower.
     """
     seed_everything(seed)
     if threads is None:
-        threads = min(2, os.cpu_count() or 1) if FAST else (os.cpu_count() or 1)
+        threads = default_threads()
     torch.set_num_threads(threads)
     try:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -67,6 +68,16 @@ def setup(seed: int = 0, threads: int | None = None, quiet: bool = False) -> str
     if not quiet:
         print(summary)
     return summary
+
+
+def default_threads() -> int:
+    """Threads for torch: the cores (at most 2 at FAST), divided among concurrent pytest-xdist workers."""
+    cores = os.cpu_count() or 1
+    threads = min(2, cores) if FAST else cores
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and workers.isdigit() and int(workers) > 1:
+        threads = max(1, cores // int(workers))
+    return threads
 
 
 def progress_enabled() -> bool:

@@ -38,3 +38,11 @@ def test_pick_and_setup():
     assert sl.config.pick(fast=1, full=2) == (1 if sl.config.FAST else 2)
     summary = sl.config.setup(seed=3, quiet=True)
     assert "seed=3" in summary and f"scale={sl.config.SCALE}" in summary
+
+
+def test_threads_are_shared_among_xdist_workers(monkeypatch):
+    monkeypatch.setattr(sl.config.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    assert sl.config.default_threads() == 2
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    assert sl.config.default_threads() == 1
