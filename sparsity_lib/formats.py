@@ -1,24 +1,25 @@
 """What sparsity buys: the storage cost of a sparse matrix in each format, and the multiply-adds it saves.
 
-Storage (survey §2.2, Fig. 5). A matrix with ``n = rows * cols`` entries of which ``m`` are nonzero
-(density ``d = m / n = 1 - s``), each value ``k`` bits wide, costs in each format:
+Storage (survey §2.2, Fig. 5). A matrix of ``r`` rows and ``c`` columns, :math:`n = r c` entries of which
+:math:`k` are nonzero (density :math:`d = k / n = 1 - s`), each value :math:`b_v` bits wide (``value_bits``),
+costs in each format (the book's notation: :math:`k` kept weights; the survey writes :math:`m` for them):
 
 ========  ==========================================================================================
 format    bits
 ========  ==========================================================================================
-dense     :math:`n k`
-bitmap    :math:`n + m k` (one presence bit per entry, then the nonzero values)
-coo       :math:`m\\,(k + i_r + i_c)` (every nonzero with its row and column index)
-csr       :math:`m\\,(k + i_c) + (r + 1)\\, p` (column index per nonzero, one pointer per row, plus one)
-delta     :math:`E\\,(k + b)`: relative indices of ``b`` bits; a gap longer than :math:`2^b` is bridged by
-          explicitly stored zeros, so the number of entries is :math:`E = \\sum_i \\lceil g_i / 2^b \\rceil \\ge m`
-ell       :math:`r\\,K\\,(k + i_c)` (ELLPACK: every row padded to the longest row, ``K`` nonzeros)
-bsr       :math:`B\\,(R C k + i_{bc}) + (r/R + 1)\\, p_B` (blocked CSR with ``R x C`` blocks, ``B`` of them nonzero)
+dense     :math:`n b_v`
+bitmap    :math:`n + k b_v` (one presence bit per entry, then the nonzero values)
+coo       :math:`k\\,(b_v + i_r + i_c)` (every nonzero with its row and column index)
+csr       :math:`k\\,(b_v + i_c) + (r + 1)\\, p` (column index per nonzero, one pointer per row, plus one)
+delta     :math:`E\\,(b_v + b)`: relative indices of ``b`` bits; a gap longer than :math:`2^b` is bridged by
+          explicitly stored zeros, so the number of entries is :math:`E = \\sum_i \\lceil g_i / 2^b \\rceil \\ge k`
+ell       :math:`r\\,K\\,(b_v + i_c)` (ELLPACK: every row padded to the longest row, ``K`` nonzeros)
+bsr       :math:`B\\,(R C b_v + i_{bc}) + (r/R + 1)\\, p_B` (blocked CSR, ``R x C`` blocks, ``B`` of them nonzero)
 ========  ==========================================================================================
 
 Index widths are the fewest bits that tell the possible values apart, :math:`i_r = \\lceil \\log_2 r \\rceil`,
-:math:`i_c = \\lceil \\log_2 c \\rceil`, :math:`p = \\lceil \\log_2 (m + 1) \\rceil` (a row pointer runs from 0
-to ``m``), as in the survey; pass ``index_bits=32`` to count fixed-width indices as real libraries store them.
+:math:`i_c = \\lceil \\log_2 c \\rceil`, :math:`p = \\lceil \\log_2 (k + 1) \\rceil` (a row pointer runs from 0
+to :math:`k`), as in the survey; pass ``index_bits=32`` to count fixed-width indices as real libraries store them.
 The survey's COO stores one flat offset of :math:`\\lceil \\log_2 n \\rceil` bits instead of two coordinates:
 at most one bit less per nonzero.
 
@@ -222,7 +223,7 @@ def _delta_entries_expected(n: int, s: float, bits: int) -> float:
 
     .. math:: \\mathbb E[E] = n d + d \\sum_{t=1}^{T} (n - tG)\\, s^{tG}, \\qquad T = \\lfloor (n - 1) / G \\rfloor,
 
-    which tends to :math:`m / (1 - s^{G})` for a long vector (geometric gaps). The sum has the
+    which tends to :math:`k / (1 - s^{G})` for a long vector (geometric gaps). The sum has the
     closed form of an arithmetico-geometric series in :math:`r = s^G`; short sums are added term by term.
     """
     d = 1.0 - s
@@ -288,16 +289,16 @@ def expected_bits(fmt: str, shape, sparsity: float, *, value_bits: int = 32, ind
                   delta_bits: Optional[int] = None, block: Tuple[int, int] = (4, 4)) -> float:
     """Closed-form expected storage, in bits, of a ``shape`` tensor at ``sparsity`` in format ``fmt``.
 
-    Every entry is nonzero independently with probability :math:`d = 1 - s`; :math:`m = d n` nonzeros of
-    ``value_bits`` = :math:`k` bits each, in a ``(rows, cols)`` matrix (see :func:`as_matrix_shape`):
+    Every entry is nonzero independently with probability :math:`d = 1 - s`; :math:`k = d n` nonzeros of
+    ``value_bits`` = :math:`b_v` bits each, in an ``r x c`` matrix (see :func:`as_matrix_shape`):
 
-    * dense :math:`n k`; bitmap :math:`n + m k`; COO :math:`m (k + i_r + i_c)`;
-      CSR :math:`m (k + i_c) + (r + 1) \\lceil \\log_2 (m + 1) \\rceil` (survey §2.2);
-    * delta with ``b = delta_bits``: :math:`(k + b)\\,\\mathbb E[E]` with the expected entries (nonzeros and
+    * dense :math:`n b_v`; bitmap :math:`n + k b_v`; COO :math:`k (b_v + i_r + i_c)`;
+      CSR :math:`k (b_v + i_c) + (r + 1) \\lceil \\log_2 (k + 1) \\rceil` (survey §2.2);
+    * delta with ``b = delta_bits``: :math:`(b_v + b)\\,\\mathbb E[E]` with the expected entries (nonzeros and
       padding zeros) :math:`\\mathbb E[E] = n d + d \\sum_{t=1}^{T} (n - tG) s^{tG}`, :math:`G = 2^b`,
-      :math:`T = \\lfloor (n-1)/G \\rfloor`, about :math:`m / (1 - s^{G})` (geometric gaps);
+      :math:`T = \\lfloor (n-1)/G \\rfloor`, about :math:`k / (1 - s^{G})` (geometric gaps);
       ``delta_bits=None`` takes the ``b`` with the smallest expected cost, as an encoder would;
-    * ELL: :math:`r\\, \\mathbb E[K] (k + i_c)`, ``K`` the longest row, :math:`\\mathbb E[K] = \\sum_j 1 - F(j)^r`
+    * ELL: :math:`r\\, \\mathbb E[K] (b_v + i_c)`, ``K`` the longest row, :math:`\\mathbb E[K] = \\sum_j 1 - F(j)^r`
       with ``F`` the Binomial(``cols``, ``d``) CDF;
     * BSR with ``block = (R, C)``: :math:`\\mathbb E[B] = \\frac{n}{RC} (1 - s^{RC})` nonzero blocks, each stored
       densely with one block-column index, plus :math:`r / R + 1` block-row pointers.
@@ -340,11 +341,11 @@ def storage_bits(mask, fmt: str, *, value_bits: int = 32, index_bits: Optional[i
 
     ``mask`` is a boolean tensor (``True`` = stored) or any weight tensor (its nonzeros are stored), viewed as
     a ``(rows, cols)`` matrix (:func:`as_matrix_shape`) and read in row-major order. The formulas are those of
-    :func:`expected_bits` with the actual numbers: ``m`` the nonzeros, ``K`` the longest row, ``B`` the
+    :func:`expected_bits` with the actual numbers: :math:`k` the nonzeros, ``K`` the longest row, ``B`` the
     nonzero blocks, and for delta coding the actual gaps :math:`g_i = p_i - p_{i-1}` between consecutive
     nonzero positions (:math:`p_{-1} = -1`): a ``b``-bit field holds gaps up to :math:`2^b`, a longer gap is
     bridged by :math:`\\lceil g_i / 2^b \\rceil - 1` explicitly stored zeros (Han et al. {cite}`han2016deep`),
-    so the cost is :math:`(k + b) \\sum_i \\lceil g_i / 2^b \\rceil`. ``delta_bits=None`` picks the cheapest
+    so the cost is :math:`(b_v + b) \\sum_i \\lceil g_i / 2^b \\rceil`. ``delta_bits=None`` picks the cheapest
     ``b``; it is never worse than the unpadded :math:`b = \\lceil \\log_2 \\hat g \\rceil` of survey §2.2
     (:math:`\\hat g` the largest gap), which is among the candidates.
 
@@ -407,7 +408,7 @@ def best_format(shape, sparsity: float, *, formats: Sequence[str] = SURVEY_FORMA
     """The format of ``formats`` with the smallest :func:`expected_bits` at ``sparsity``.
 
     Costs within a relative ``1e-9`` of the smallest count as ties, won by the format listed first (so that
-    floating-point noise never decides: e.g. at :math:`s = 1/k` dense, bitmap and 1-bit delta coding cost the
+    floating-point noise never decides: e.g. at :math:`s = 1/b_v` dense, bitmap and 1-bit delta coding cost the
     same). ``cost_options`` are those of :func:`expected_bits` (``value_bits``, ``index_bits``, ``delta_bits``,
     ``block``).
     """
@@ -432,11 +433,12 @@ def break_even_sparsity(fmt: str, shape, *, tol: float = 1e-9, **cost_options) -
     """The smallest sparsity at which ``fmt`` is no larger than dense storage (``None`` if it never is).
 
     Found by bisection on :func:`expected_bits` (every sparse format's expected cost falls monotonically with
-    sparsity). Closed forms to check it against, with ``k = value_bits``:
+    sparsity). Closed forms to check it against, with :math:`b_v` = ``value_bits``:
 
-    * bitmap: :math:`n + (1 - s) n k \\le n k \\iff s \\ge 1 / k` (3.1% for 32-bit values, 12.5% for 8-bit);
-    * COO: :math:`(1 - s)(k + i_r + i_c) \\le k \\iff s \\ge (i_r + i_c) / (k + i_r + i_c)`;
-    * CSR: :math:`s \\ge i_c / (k + i_c) + (r + 1) p / (n (k + i_c))` (up to the slowly varying pointer width ``p``).
+    * bitmap: :math:`n + (1 - s) n b_v \\le n b_v \\iff s \\ge 1 / b_v` (3.1% for 32-bit values, 12.5% for 8-bit);
+    * COO: :math:`(1 - s)(b_v + i_r + i_c) \\le b_v \\iff s \\ge (i_r + i_c) / (b_v + i_r + i_c)`;
+    * CSR: :math:`s \\ge i_c / (b_v + i_c) + (r + 1) p / (n (b_v + i_c))` (up to the slowly varying pointer width
+      :math:`p`).
     """
     fmt = _check_format(fmt)
     shape = _check_shape(shape)
