@@ -1269,6 +1269,13 @@ def sparsegpt_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFA
                          f"{plan.structure!r}")
     damp = _check_damp(damp)
     structure = plan.structure
+    if is_n_m(structure):
+        m = structure[1]
+        for name, w in prunable(model).items():
+            fan_in = w[0].numel()
+            if name not in plan.exclude and fan_in % m:
+                raise ValueError(f"structure {structure}: the input dimension of {name} ({fan_in}) is not a multiple "
+                                 f"of m={m}; leave that layer out with exclude=[{name!r}]")
 
     def solve(W, H, zeros, mask):
         if structure is not None:

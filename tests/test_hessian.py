@@ -496,3 +496,16 @@ def test_layerwise_methods_reject_unsupported_layers():
     with pytest.raises(ValueError, match="Conv3d"):
         sl.prune(model, 0.5, method="obc", data=data)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sparsegpt_n_m_checks_every_layer_before_pruning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))      # fan-in 6 is not a multiple of 4
+    data = [(torch.randn(32, 8), torch.zeros(32))]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"2\.weight \(6\) is not a multiple of m=4.*exclude"):
+        sl.prune(model, 0.5, method="sparsegpt", structure=(2, 4), data=data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    nm = sl.prune(model, 0.5, method="sparsegpt", structure=(2, 4), data=data, scope="layerwise",
+                  exclude=["2.weight"])
+    assert bool((nm["0.weight"].reshape(6, 2, 4).sum(-1) == 2).all()) and bool(nm["2.weight"].all())
