@@ -69,9 +69,9 @@ def polynomial(step: float, initial: float, final: float, begin: float, end: flo
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _check_step(value, name: str, minimum: int = 0) -> int:
+def _check_step(value, name: str, minimum: int = 0, what: str = "a count of optimizer steps") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} (a count of optimizer steps), got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {value!r}")
     return int(value)
 
 
@@ -338,7 +338,7 @@ class IterativePruner(ScheduledPruner):
     def __init__(self, model: nn.Module, final_sparsity: float, rounds: int, begin: int, interval: int,
                  method: str = "magnitude", scope="global", **prune_options):
         self.final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
-        self.rounds = _check_step(rounds, "rounds", minimum=1)
+        self.rounds = _check_step(rounds, "rounds", minimum=1, what="the number of pruning rounds")
         self.begin = _check_step(begin, "begin")
         self.interval = _check_step(interval, "interval", minimum=1)
         #: fraction of the surviving weights removed in every round
@@ -388,7 +388,7 @@ class IHT(ScheduledPruner):
         self.begin = _check_step(begin, "begin")
         self.sparse_steps = _check_step(sparse_steps, "sparse_steps", minimum=1)
         self.dense_steps = _check_step(dense_steps, "dense_steps", minimum=1)
-        self.cycles = _check_step(cycles, "cycles", minimum=1)
+        self.cycles = _check_step(cycles, "cycles", minimum=1, what="the number of sparse-dense cycles")
         if not isinstance(end_sparse, bool):
             raise TypeError(f"end_sparse must be True or False, got {end_sparse!r}")
         self.end_sparse = end_sparse
