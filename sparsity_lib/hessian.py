@@ -219,6 +219,10 @@ def _greedy_obs(W: torch.Tensor, Hinv0: torch.Tensor, counts: torch.Tensor, *, f
     With ``groups`` (``(d,)`` group ids) and ``quota`` (removals allowed per group), a coordinate is a candidate
     only while its group has quota left (one row only): this is how per-layer budgets work under one joint Hessian.
 
+    Threads: the per-step vector operations run on one thread (they are small and memory-bound, and on a busy
+    machine every parallel region waits for its slowest thread); the flushes use ``torch.get_num_threads()``,
+    which is restored on return.
+
     ``workspace`` (a dict) keeps the ``(R, d, d)`` buffer of the inverses between calls, so that processing rows in
     chunks does not allocate (and page-fault) a fresh buffer every time.
 
@@ -246,55 +250,62 @@ def _greedy_obs(W: torch.Tensor, Hinv0: torch.Tensor, counts: torch.Tensor, *, f
     zero, inf = W.new_zeros(()), W.new_full((), math.inf)
     scores = torch.empty_like(W)
     j = 0
-    for t in range(steps):
-        active = counts > t
-        torch.mul(W, W, out=scores)
-        scores.div_(diag).add_(penalty)
-        if remaining is not None:
-            scores.masked_fill_((remaining <= 0)[groups].unsqueeze(0), math.inf)
-        q = scores.argmin(1)
-        if Hinv is None:
-            row = Hinv0.index_select(0, q)                                   # (R, d)
-        else:
-            row = Hinv.view(R * d, d).index_select(0, ar * d + q)
-        if j:
-            Uq = U[:, :j].gather(2, q.view(R, 1, 1).expand(R, j, 1)).transpose(1, 2)   # (R, 1, j)
-            row = torch.baddbmm(row.unsqueeze(1), Uq, U[:, :j], alpha=-1.0).squeeze(1)
-        dq = row.gather(1, q.unsqueeze(1)).squeeze(1)
-        if bool(((dq <= 0) & active).any()):
-            raise ValueError(
-                "the inverse Hessian lost positive definiteness during the OBS downdates (round-off in "
-                f"{dtype}): increase damp, or compute in torch.float64"
-            )
-        dq = torch.where(active, dq, torch.ones_like(dq))
-        wq = W.gather(1, q.unsqueeze(1)).squeeze(1)
-        coef = torch.where(active, wq / dq, zero)
-        if record:
-            order[:, t] = torch.where(active, q, torch.full_like(q, -1))
-            losses[:, t] = torch.where(active, wq * wq / (2 * dq), zero)
-        W.addcmul_(coef.unsqueeze(1), row, value=-1.0)
-        torch.mul(row, torch.where(active, dq.rsqrt(), zero).unsqueeze(1), out=U[:, j])
-        diag.addcmul_(U[:, j], U[:, j], value=-1.0)
-        removed[ar, q] |= active
-        penalty[ar, q] = torch.where(active, inf, penalty[ar, q])
-        diag[ar, q] = torch.where(active, inf, diag[ar, q])        # score 0 + inf, never 0 / 0
-        W[ar, q] = torch.where(active, zero, W[ar, q])
-        if remaining is not None and bool(active[0]):
-            remaining[groups[q[0]]] -= 1
-        j += 1
-        if j == block and t + 1 < steps:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # the per-step vector operations are small and memory-bound: one thread
+    try:
+        for t in range(steps):
+            active = counts > t
+            torch.mul(W, W, out=scores)
+            scores.div_(diag).add_(penalty)
+            if remaining is not None:
+                scores.masked_fill_((remaining <= 0)[groups].unsqueeze(0), math.inf)
+            q = scores.argmin(1)
             if Hinv is None:
-                buffer = workspace.get("Hinv") if workspace is not None else None
-                if buffer is None or buffer.shape[0] < R or buffer.shape[1:] != (d, d) or buffer.dtype != dtype:
-                    buffer = torch.empty(R, d, d, dtype=dtype, device=W.device)
-                    if workspace is not None:
-                        workspace["Hinv"] = buffer
-                Hinv = buffer[:R]
-                Hinv.copy_(Hinv0)
-            Hinv.baddbmm_(U.transpose(1, 2), U, alpha=-1.0)
-            diag = Hinv.diagonal(dim1=1, dim2=2).clone().masked_fill_(removed, math.inf)
-            U.zero_()
-            j = 0
+                row = Hinv0.index_select(0, q)                                   # (R, d)
+            else:
+                row = Hinv.view(R * d, d).index_select(0, ar * d + q)
+            if j:
+                Uq = U[:, :j].gather(2, q.view(R, 1, 1).expand(R, j, 1)).transpose(1, 2)   # (R, 1, j)
+                row = torch.baddbmm(row.unsqueeze(1), Uq, U[:, :j], alpha=-1.0).squeeze(1)
+            dq = row.gather(1, q.unsqueeze(1)).squeeze(1)
+            if bool(((dq <= 0) & active).any()):
+                raise ValueError(
+                    "the inverse Hessian lost positive definiteness during the OBS downdates (round-off in "
+                    f"{dtype}): increase damp, or compute in torch.float64"
+                )
+            dq = torch.where(active, dq, torch.ones_like(dq))
+            wq = W.gather(1, q.unsqueeze(1)).squeeze(1)
+            coef = torch.where(active, wq / dq, zero)
+            if record:
+                order[:, t] = torch.where(active, q, torch.full_like(q, -1))
+                losses[:, t] = torch.where(active, wq * wq / (2 * dq), zero)
+            W.addcmul_(coef.unsqueeze(1), row, value=-1.0)
+            torch.mul(row, torch.where(active, dq.rsqrt(), zero).unsqueeze(1), out=U[:, j])
+            diag.addcmul_(U[:, j], U[:, j], value=-1.0)
+            removed[ar, q] |= active
+            penalty[ar, q] = torch.where(active, inf, penalty[ar, q])
+            diag[ar, q] = torch.where(active, inf, diag[ar, q])        # score 0 + inf, never 0 / 0
+            W[ar, q] = torch.where(active, zero, W[ar, q])
+            if remaining is not None and bool(active[0]):
+                remaining[groups[q[0]]] -= 1
+            j += 1
+            if j == block and t + 1 < steps:
+                torch.set_num_threads(threads)       # the flush is a batched matrix product: all threads
+                if Hinv is None:
+                    buffer = workspace.get("Hinv") if workspace is not None else None
+                    if buffer is None or buffer.shape[0] < R or buffer.shape[1:] != (d, d) or buffer.dtype != dtype:
+                        buffer = torch.empty(R, d, d, dtype=dtype, device=W.device)
+                        if workspace is not None:
+                            workspace["Hinv"] = buffer
+                    Hinv = buffer[:R]
+                    Hinv.copy_(Hinv0)
+                Hinv.baddbmm_(U.transpose(1, 2), U, alpha=-1.0)
+                diag = Hinv.diagonal(dim1=1, dim2=2).clone().masked_fill_(removed, math.inf)
+                U.zero_()
+                j = 0
+                torch.set_num_threads(1)
+    finally:
+        torch.set_num_threads(threads)
     W.masked_fill_(removed, 0.0)   # exact zeros where round-off of later updates touched removed weights
     return W, removed, order, losses
 
@@ -1139,41 +1150,48 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: Optional[float] 
     Wk = W.detach().clone() * mask
     pruned = torch.zeros_like(mask)
     alive_left = int(mask.sum())
-    for i1 in range(0, d, blocksize):
-        i2 = min(i1 + blocksize, d)
-        W1 = Wk[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        dead1 = ~mask[:, i1:i2]
-        diag1 = U1.diagonal()
-        if new_total is not None:
-            alive_block = int((~dead1).sum())
-            k = round(new_total * alive_block / alive_left) if alive_left else 0
-            k = min(k, alive_block)
-            new_total -= k
-            alive_left -= alive_block
-            score = (W1 ** 2 / diag1.unsqueeze(0) ** 2).masked_fill(dead1, math.inf).reshape(-1)
-            mask1 = dead1.clone().reshape(-1)
-            if k:
-                mask1[torch.topk(score, k, largest=False).indices] = True
-            mask1 = mask1.reshape(W1.shape)
-        else:
-            mask1 = dead1.clone()
-        for i in range(i2 - i1):
-            if new_total is None and i % m == 0:
-                score = W1[:, i:i + m] ** 2 / diag1[i:i + m].unsqueeze(0) ** 2
-                score = score.masked_fill(dead1[:, i:i + m], -math.inf)     # pruned weights go first
-                drop = torch.topk(score, m - n, dim=1, largest=False).indices
-                mask1[:, i:i + m].scatter_(1, drop, True)
-            w = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
-        Wk[:, i1:i2] = W1
-        pruned[:, i1:i2] = mask1
-        Wk[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)      # the column loop is many small operations: one thread (see _greedy_obs)
+    try:
+        for i1 in range(0, d, blocksize):
+            i2 = min(i1 + blocksize, d)
+            W1 = Wk[:, i1:i2].clone()
+            U1 = U[i1:i2, i1:i2]
+            Err1 = torch.zeros_like(W1)
+            dead1 = ~mask[:, i1:i2]
+            diag1 = U1.diagonal()
+            if new_total is not None:
+                alive_block = int((~dead1).sum())
+                k = round(new_total * alive_block / alive_left) if alive_left else 0
+                k = min(k, alive_block)
+                new_total -= k
+                alive_left -= alive_block
+                score = (W1 ** 2 / diag1.unsqueeze(0) ** 2).masked_fill(dead1, math.inf).reshape(-1)
+                mask1 = dead1.clone().reshape(-1)
+                if k:
+                    mask1[torch.topk(score, k, largest=False).indices] = True
+                mask1 = mask1.reshape(W1.shape)
+            else:
+                mask1 = dead1.clone()
+            for i in range(i2 - i1):
+                if new_total is None and i % m == 0:
+                    score = W1[:, i:i + m] ** 2 / diag1[i:i + m].unsqueeze(0) ** 2
+                    score = score.masked_fill(dead1[:, i:i + m], -math.inf)     # pruned weights go first
+                    drop = torch.topk(score, m - n, dim=1, largest=False).indices
+                    mask1[:, i:i + m].scatter_(1, drop, True)
+                w = W1[:, i]
+                q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+                err = (w - q) / U1[i, i]
+                W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+                W1[:, i] = q
+                Err1[:, i] = err
+            Wk[:, i1:i2] = W1
+            pruned[:, i1:i2] = mask1
+            torch.set_num_threads(threads)        # the lazy update of the remaining columns: all threads
+            Wk[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+            torch.set_num_threads(1)
+    finally:
+        torch.set_num_threads(threads)
     return Wk.masked_fill(pruned, 0.0), ~pruned
 
 

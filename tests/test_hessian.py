@@ -334,7 +334,9 @@ def test_obc_layer_equals_obs_prune_row_by_row():
     W = torch.randn(7, 20, dtype=D64)
     H = hs.layer_hessian(X)
     assert torch.allclose(H, 2 * X.T @ X)
+    threads = torch.get_num_threads()
     W_hat, mask = hs.obc_layer(W, H, 0.5, dtype=D64, block=3)
+    assert torch.get_num_threads() == threads                   # the solver's thread switching is undone
     assert int((~mask).sum()) == 70 and torch.equal(mask, W_hat != 0)
     for r in range(7):
         expected = hs.obs_prune(W[r], H, 10, damp=hs.DEFAULT_DAMP)
