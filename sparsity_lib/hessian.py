@@ -152,7 +152,8 @@ def min_eigenvalue(H: torch.Tensor) -> float:
     """Smallest eigenvalue of the symmetric matrix ``(H + H^T) / 2``, computed in float64 (``eigvalsh``).
 
     ``H`` is positive definite iff this is > 0: the condition under which the OBS quadratic model has a unique
-    minimum and its saliencies and updates mean what they claim (survey §3.5.3, item 2).
+    minimum and its saliencies and updates mean what they claim (Hassibi and Stork {cite}`hassibi1993second`;
+    survey §3.5.3, item 2).
     """
     if not isinstance(H, torch.Tensor) or H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be a square matrix, got {getattr(H, 'shape', type(H).__name__)}")
@@ -164,7 +165,8 @@ def min_eigenvalue(H: torch.Tensor) -> float:
 
 def check_positive_definite(H: torch.Tensor, *, what: str = "H + lambda I", advice: str = "") -> Tuple[float, float]:
     """Return ``(smallest, largest)`` eigenvalue of ``H`` and raise ``ValueError`` if ``H`` is not numerically
-    positive definite (smallest eigenvalue <= ``d * eps64 * largest``): exact OBS cannot be trusted then."""
+    positive definite (smallest eigenvalue <= ``d * eps64 * largest``): exact OBS cannot be trusted then
+    (Hassibi and Stork {cite}`hassibi1993second`; survey §3.5.3, item 2). ``advice`` ends the message."""
     Hd = H.detach().to(torch.float64)
     eig = torch.linalg.eigvalsh((Hd + Hd.T) / 2)
     lo, hi = float(eig[0]), float(eig[-1])
@@ -388,7 +390,8 @@ def constrained_minimizer(w_star: torch.Tensor, H: torch.Tensor, removed: torch.
 
         w_F = w*_F + H_FF^-1 H_FQ w*_Q,   w_Q = 0     (F = the kept coordinates)
 
-    the point greedy OBS reaches on a quadratic (survey §3.5.1). ``removed`` is a boolean vector."""
+    the point greedy OBS reaches on a quadratic (Hassibi and Stork {cite}`hassibi1993second`; survey §3.5.1).
+    ``removed`` is a boolean vector."""
     w_star = _check_vector(w_star, "w_star")
     d = w_star.numel()
     H = _check_square(H, d)
@@ -491,7 +494,9 @@ def hessian_vector_product(model: nn.Module, data, loss_fn=None, *, vectors: tor
     symmetric), one ``torch.func.vjp`` per batch, vectorized over ``chunk_size`` vectors at a time with ``vmap``.
 
     The data loss is the sample-weighted mean of ``loss_fn`` over the batches (``loss_fn`` with mean
-    reduction, default cross-entropy); the model is evaluated in eval mode. Survey §3.5."""
+    reduction, default cross-entropy); the model is evaluated in eval mode. The curvature of OBD/OBS
+    ({cite}`lecun1990optimal`, {cite}`hassibi1993second`; survey §3.5.1), computed with PyTorch's ``torch.func``
+    {cite}`pytorch2019`."""
     loss_fn = _default_loss(loss_fn)
     batches = _batches(data)
     with _EvalMode(model):
@@ -518,7 +523,8 @@ def loss_hessian(model: nn.Module, data, loss_fn=None, *, max_params: int = OBS_
     Built column by column from Hessian-vector products (:func:`hessian_vector_product` on the unit vectors,
     ``chunk_size`` at a time) and symmetrized. ``L`` is the sample-weighted mean of ``loss_fn`` (mean reduction,
     default cross-entropy) over the batches of ``data``, the model in eval mode. Rows and columns of masked
-    weights are zero. ``d`` above ``max_params`` raises ``ValueError`` (memory grows as ``d^2``). Survey §3.5.1.
+    weights are zero. ``d`` above ``max_params`` raises ``ValueError`` (memory grows as ``d^2``). The ``H`` of
+    exact OBS (Hassibi and Stork {cite}`hassibi1993second`; survey §3.5.1).
     """
     d = sum(w.numel() for w in prunable(model).values())
     if d > max_params:
@@ -559,7 +565,8 @@ def hessian_diagonal(model: nn.Module, data, loss_fn=None, *, chunk_size: int = 
 def per_sample_gradients(model: nn.Module, data, loss_fn=None) -> torch.Tensor:
     """Gradients ``g_j = d loss(x_j, y_j) / dw`` of every single sample with respect to all prunable weights,
     as an ``(N, d)`` tensor (``sl.prunable`` order), by ``torch.func.vmap`` over ``torch.func.grad`` of the
-    one-sample loss (model in eval mode). Entries of masked weights are zero. Survey §3.5.5."""
+    one-sample loss (model in eval mode). Entries of masked weights are zero. The ingredients of the empirical
+    Fisher (Singh and Alistarh {cite}`singh2020woodfisher`; survey §3.5.5)."""
     loss_fn = _default_loss(loss_fn)
     batches = _batches(data)
     with _EvalMode(model):
@@ -939,7 +946,8 @@ def layer_hessians(model: nn.Module, data, names: Optional[Sequence[str]] = None
     viewed as ``(out, in * prod(kernel))``). Collected with forward pre-hooks, model in eval mode, nothing changed.
 
     ``stop_early`` aborts each forward pass once the last requested layer has been seen (the trick of the
-    SparseGPT code; valid when the model calls its layers in module order)."""
+    SparseGPT code {cite}`frantar2023sparsegpt`; valid when the model calls its layers in module order).
+    Survey §3.5.5."""
     modules = _prunable_modules(model)
     names = list(modules) if names is None else list(names)
     for name in names:
@@ -1196,7 +1204,7 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: Optional[float] 
 
 
 # ============================================================================ layer-wise: model level
-def _layer_budget_zeros(plan, names, params, model) -> Dict[str, int]:
+def _layer_budget_zeros(plan, names, params) -> Dict[str, int]:
     """Target number of zeros per layer for the layer-wise methods. Layer budgets are used as given; under global
     scope the per-layer counts are those of *global magnitude pruning* at the same sparsity (the library's own
     selection), so layer-wise reconstruction gets the allocation a global ranking would choose."""
@@ -1218,7 +1226,7 @@ def _layerwise(model, plan, data, solve, sequential: bool):
     if is_n_m(plan.structure):
         targets = {n: None for n in names if n not in plan.exclude}
     else:
-        zeros = _layer_budget_zeros(plan, names, params, model)
+        zeros = _layer_budget_zeros(plan, names, params)
         targets = {n: z for n, z in zeros.items() if n not in plan.exclude and z > int((~plan.current[n]).sum())}
     masks = {n: plan.current[n].clone() for n in names}
     weights = {}

@@ -35,7 +35,8 @@ from .hessian import DEFAULT_DAMP, damping, layer_hessian, obc_layer, sparsegpt_
 
 def correlated_layer(rows: int, cols: int, samples: int, seed: int = 0):
     """A random layer ``W`` (``rows x cols``, scaled like a default init) and correlated inputs ``X``
-    (``samples x cols``): Gaussian inputs mixed by ``I + 0.5 G / sqrt(cols)`` and scaled per feature."""
+    (``samples x cols``): Gaussian inputs mixed by ``I + 0.5 G / sqrt(cols)`` and scaled per feature, so that the
+    layer Hessian ``2 X^T X`` is far from diagonal (survey §3.5.5)."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.eye(cols) + 0.5 * torch.randn(cols, cols, generator=g) / math.sqrt(cols)
     X = (torch.randn(samples, cols, generator=g) @ mix) * (torch.rand(cols, generator=g) + 0.2)
@@ -45,7 +46,8 @@ def correlated_layer(rows: int, cols: int, samples: int, seed: int = 0):
 
 def naive_obs_rows(W: torch.Tensor, H: torch.Tensor, sparsity: float, damp: float = DEFAULT_DAMP) -> torch.Tensor:
     """Exact greedy OBS row by row with a plain loop: one rank-1 downdate of the row's ``d x d`` inverse per
-    removal (no batching over rows, no lazy updates). The reference implementation the batched solver replaces."""
+    removal (no batching over rows, no lazy updates), survey eqs. (3)-(4) (Hassibi and Stork {cite}`hassibi1993second`;
+    survey §3.5.1). The reference implementation the batched solver replaces."""
     rows, d = W.shape
     Hd = H + damping(H, damp) * torch.eye(d, dtype=H.dtype)
     Hinv0 = torch.cholesky_inverse(torch.linalg.cholesky(Hd))
