@@ -654,7 +654,7 @@ def positive_curvature(H: torch.Tensor, mode: str = "abs") -> torch.Tensor:
     """A positive semi-definite stand-in for a symmetric, possibly indefinite ``H = V diag(l) V^T``.
 
     * ``"abs"``: ``V diag(|l|) V^T``: negative curvature counted as positive curvature of the same size (the
-      "saddle-free" curvature of Dauphin et al., 2014): the quadratic model then never predicts that a step
+      "saddle-free" curvature of {cite}`dauphin2014identifying`): the quadratic model then never predicts that a step
       *lowers* the loss, and steps along those directions are penalized as much as the Hessian says they matter;
     * ``"clip"``: ``V diag(max(l, 0)) V^T``: the nearest positive semi-definite matrix (Frobenius norm), which
       leaves the negative directions with zero curvature, to be filled in by damping only.
