@@ -13,10 +13,10 @@
    only be slower than dense; the ratios say how much slower. The steps of the three variants are interleaved,
    so that a change of load on a shared machine affects them alike.
 
-2. **Chapter run times** (``--chapters``): every ``chapters/*.ipynb`` executed from scratch with nbclient
+2. **Chapter run times** (on by default; ``--no-chapters`` skips them): every ``chapters/*.ipynb`` executed from scratch with nbclient
    (kernel ``python3``, timeout 600 s per cell), wall time and status.
 
-Options: ``--steps`` (timed steps per variant), ``--warmup``, ``--threads`` (e.g. ``1,2``), ``--chapters``.
+Options: ``--steps`` (timed steps per variant), ``--warmup``, ``--threads`` (e.g. ``1,2``), ``--no-chapters``.
 """
 
 from __future__ import annotations
@@ -164,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="timed training steps per variant (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed warm-up steps (default 20)")
     parser.add_argument("--threads", type=_threads, default=[1, 2], help="torch thread counts, e.g. 1,2")
-    parser.add_argument("--chapters", action="store_true", help="also execute chapters/*.ipynb and time them")
+    parser.add_argument("--chapters", action=argparse.BooleanOptionalAction, default=True,
+                        help="execute chapters/*.ipynb and time each one (default; --no-chapters skips them)")
     parser.add_argument("--chapters-dir", type=pathlib.Path,
                         default=pathlib.Path(__file__).resolve().parent.parent / "chapters")
     args = parser.parse_args(argv)
