@@ -669,6 +669,16 @@ def positive_curvature(H: torch.Tensor, mode: str = "abs") -> torch.Tensor:
     return ((vectors * values) @ vectors.T).to(H.dtype)
 
 
+def _split_by_layer(alive: torch.Tensor, w: torch.Tensor, names, params, numels):
+    """Cut flat vectors over all prunable weights (in ``sl.prunable`` order) back into per-layer masks and weights."""
+    masks, weights, offset = {}, {}, 0
+    for name, p, numel in zip(names, params.values(), numels):
+        masks[name] = alive[offset:offset + numel].reshape(p.shape)
+        weights[name] = w[offset:offset + numel].reshape(p.shape).to(p.dtype)
+        offset += numel
+    return masks, weights
+
+
 @register_pruner("obs", needs_data=True,
                  description="Optimal Brain Surgeon: exact damped loss Hessian, greedy removal with updates (§3.5.1)")
 def obs_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DAMP,
@@ -772,12 +782,7 @@ def obs_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DA
     new_w[idx] = wa[0]
     new_alive = alive.clone()
     new_alive[idx] = ~removed[0]
-    masks, weights, offset = {}, {}, 0
-    for name, w, numel in zip(names, params.values(), numels):
-        masks[name] = new_alive[offset:offset + numel].reshape(w.shape)
-        weights[name] = new_w[offset:offset + numel].reshape(w.shape).to(w.dtype)
-        offset += numel
-    return masks, weights
+    return _split_by_layer(new_alive, new_w, names, params, numels)
 
 
 # ============================================================================================ WoodFisher
@@ -882,12 +887,7 @@ def woodfisher_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEF
     new_alive = torch.zeros(sum(numels), dtype=torch.bool)
     new_w[index[valid]] = Wb[valid]
     new_alive[index[valid]] = block_alive[valid]
-    masks, weights, offset = {}, {}, 0
-    for name, w, numel in zip(names, params.values(), numels):
-        masks[name] = new_alive[offset:offset + numel].reshape(w.shape)
-        weights[name] = new_w[offset:offset + numel].reshape(w.shape).to(w.dtype)
-        offset += numel
-    return masks, weights
+    return _split_by_layer(new_alive, new_w, names, params, numels)
 
 
 # ============================================================================ layer-wise: inputs and Hessians
