@@ -40,9 +40,12 @@ def test_pick_and_setup():
     assert "seed=3" in summary and f"scale={sl.config.SCALE}" in summary
 
 
-def test_threads_are_shared_among_xdist_workers(monkeypatch):
-    monkeypatch.setattr(sl.config.os, "cpu_count", lambda: 2)
+def test_default_threads(monkeypatch):
+    monkeypatch.setattr(sl.config.os, "cpu_count", lambda: 4)
     monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
-    assert sl.config.default_threads() == 2
+    monkeypatch.setattr(sl.config, "FAST", True)
+    assert sl.config.default_threads() == 1, "FAST models run on one thread"
+    monkeypatch.setattr(sl.config, "FAST", False)
+    assert sl.config.default_threads() == 4
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
-    assert sl.config.default_threads() == 1
+    assert sl.config.default_threads() == 2, "FULL shares the cores among xdist workers"
