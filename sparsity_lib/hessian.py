@@ -683,7 +683,7 @@ def _split_by_layer(alive: torch.Tensor, w: torch.Tensor, names, params, numels)
                  description="Optimal Brain Surgeon: exact damped loss Hessian, greedy removal with updates (§3.5.1)")
 def obs_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DAMP,
                negative_curvature: Optional[str] = None, max_params: int = OBS_MAX_PARAMS, chunk_size: int = 64,
-               block: int = 64):
+               block: int = 64, hessian: Optional[torch.Tensor] = None, weight_decay: float = 0.0):
     """Exact OBS on the loss Hessian of all prunable weights together (Hassibi and Stork {cite}`hassibi1993second`;
     survey §3.5.1).
 
@@ -714,8 +714,16 @@ def obs_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DA
 
     The Hessian has ``d^2`` entries: for ``d > max_params`` this raises ``ValueError`` before computing anything,
     pointing to "woodfisher" (block-diagonal Fisher), "obc" and "sparsegpt" (layer-wise).
+
+    ``hessian``: a precomputed ``d x d`` Hessian (e.g. from :func:`loss_hessian`, in ``sl.prunable`` order) to use
+    instead of computing it from ``data``, so a sweep over sparsities pays for it once. ``weight_decay``: the
+    coefficient ``mu`` of an L2 term ``mu/2 * ||w||^2`` that belongs to the training objective (``loss_fn`` sees
+    only outputs and targets); its Hessian ``mu I`` is added to ``H``, which can make a trained network's Hessian
+    positive definite at its minimum (Chapter 06).
     """
     _check_unstructured(plan, "obs")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     damp = _check_damp(damp)
     warn = negative_curvature is None
     mode = "abs" if negative_curvature is None else negative_curvature
@@ -735,7 +743,12 @@ def obs_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DA
     quota = _removal_quota(plan, names, numels)
     if sum(quota.values()) == 0:
         return {n: plan.current[n].clone() for n in names}, None
-    H = loss_hessian(model, data, loss_fn, max_params=max_params, chunk_size=chunk_size)
+    if hessian is not None:
+        H = _check_square(hessian, d, "hessian").detach()
+    else:
+        H = loss_hessian(model, data, loss_fn, max_params=max_params, chunk_size=chunk_size)
+    if weight_decay:
+        H = H + float(weight_decay) * torch.eye(d, dtype=H.dtype)
     with torch.no_grad():
         flat_w = torch.cat([_original(m).detach().reshape(-1) for m in _prunable_modules(model).values()])
     alive = torch.cat([plan.current[n].reshape(-1) for n in names])

@@ -511,3 +511,26 @@ def test_sparsegpt_n_m_checks_every_layer_before_pruning():
     nm = sl.prune(model, 0.5, method="sparsegpt", structure=(2, 4), data=data, scope="layerwise",
                   exclude=["2.weight"])
     assert bool((nm["0.weight"].reshape(6, 2, 4).sum(-1) == 2).all()) and bool(nm["2.weight"].all())
+
+
+
+def test_obs_with_precomputed_hessian_and_weight_decay():
+    """hessian= reuses a Hessian across calls; weight_decay adds the L2 term's mu*I to it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    data = [(torch.randn(32, 6), torch.randint(0, 3, (32,)))]
+    H = hs.loss_hessian(model, data)
+    variants = {"computed": {}, "given": {"hessian": H}, "decay": {"weight_decay": 0.5},
+                "given+decay": {"hessian": H + 0.5 * torch.eye(len(H))}}
+    runs = {}
+    for label, options in variants.items():
+        net = copy.deepcopy(model)
+        sl.prune(net, 0.5, method="obs", data=data, negative_curvature="abs", **options)
+        runs[label] = torch.cat([w.detach().reshape(-1) for w in sl.prunable(net).values()])
+    assert torch.equal(runs["computed"], runs["given"])
+    assert torch.allclose(runs["decay"], runs["given+decay"], atol=1e-6)
+    assert not torch.allclose(runs["computed"], runs["decay"])
+    with pytest.raises(ValueError, match="hessian must have shape"):
+        sl.prune(copy.deepcopy(model), 0.5, method="obs", data=data, hessian=torch.eye(3))
+    with pytest.raises(ValueError, match="weight_decay must be"):
+        sl.prune(copy.deepcopy(model), 0.5, method="obs", data=data, weight_decay=-1.0)
