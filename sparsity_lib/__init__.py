@@ -14,22 +14,12 @@ Every method is a combination of the same parts: **score** (how important is eac
 from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .pruning import prune
-from . import data, models, train
-from . import formats
-from . import compare
-from . import viz, widgets
-from . import lottery
-from . import hessian
+from . import compare, data, formats, hessian, lottery, models, train, viz, widgets  # noqa: E402  (register methods)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
-    "budgets", "config", "schedules", "scores", "select",
-    "data", "models", "train",
-    "formats",
-    "compare",
-    "viz", "widgets",
-    "lottery",
-    "hessian",
+    "budgets", "compare", "config", "data", "formats", "hessian", "lottery", "models", "schedules", "scores",
+    "select", "train", "viz", "widgets",
 ]
