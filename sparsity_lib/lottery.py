@@ -46,7 +46,7 @@ from . import scores as _scores
 from .data import Task
 from .masks import _check_has_prunable, _prunable_modules, get_masks, prunable, remove_masks, set_weights
 from .pruning import prune
-from .select import check_sparsity, topk_mask
+from .select import check_budget, check_sparsity, topk_mask
 from .train import fit, lr_multiplier
 
 StateDict = Mapping[str, torch.Tensor]
@@ -368,11 +368,7 @@ def imp(model: nn.Module, train_fn: Callable[[nn.Module], object], rounds: int, 
     start = get_masks(model)
     start_sparsity = {n: 1.0 - int(m.sum()) / m.numel() for n, m in start.items()}
     if isinstance(scope, Mapping):
-        rates = {}
-        for name, r in scope.items():
-            if name not in names:
-                raise ValueError(f"scope: unknown layer name {name!r}; prunable weights are {names}")
-            rates[name] = _check_rate(r, f"scope[{name!r}]")
+        rates = check_budget(scope, names, "scope", check=_check_rate)
         rates = {n: rates.get(n, rate) for n in names}
     elif scope in ("global", "layerwise"):
         rates = None
@@ -578,11 +574,7 @@ def edge_popup(model: nn.Module, data, sparsity: Union[float, Mapping[str, float
     """
     names = list(_check_has_prunable(model))
     if isinstance(sparsity, Mapping):
-        budget = {}
-        for name, s in sparsity.items():
-            if name not in names:
-                raise ValueError(f"sparsity: unknown layer name {name!r}; prunable weights are {names}")
-            budget[name] = check_sparsity(s, f"sparsity[{name!r}]")
+        budget = check_budget(sparsity, names, "sparsity")
     else:
         s = check_sparsity(sparsity)
         budget = {n: s for n in names}

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from . import scores as _scores
 from .masks import apply_masks, get_masks, set_weights, validate_masks
-from .select import check_sparsity, check_structure, is_n_m
+from .select import check_budget, check_sparsity, check_structure, is_n_m
 
 Scope = Union[str, Mapping[str, float]]
 
@@ -26,12 +26,7 @@ def _check_scope(scope, names, sparsity):
             raise ValueError(f"scope must be 'global', 'layerwise' or a {{name: sparsity}} budget, got {scope!r}")
         return scope, (None if scope == "global" else {n: sparsity for n in names})
     if isinstance(scope, Mapping):
-        budget = {}
-        for name, s in scope.items():
-            if name not in names:
-                raise ValueError(f"scope: unknown layer name {name!r}; prunable weights are {list(names)}")
-            budget[name] = check_sparsity(s, f"scope[{name!r}]")
-        return "budget", budget
+        return "budget", check_budget(scope, names, "scope")
     raise ValueError(f"scope must be 'global', 'layerwise' or a {{name: sparsity}} budget, got {scope!r}")
 
 

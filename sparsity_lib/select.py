@@ -40,6 +40,18 @@ def check_sparsity(sparsity, name: str = "sparsity") -> float:
     return sparsity
 
 
+def check_budget(budget: Mapping[str, float], names, arg: str = "scope", check=check_sparsity) -> Dict[str, float]:
+    """Validate a ``{layer name: value}`` dict against the prunable ``names``; each value goes through ``check``
+    (by default :func:`check_sparsity`), whose errors name the entry, e.g. ``scope['fc1.weight']``."""
+    names = list(names)
+    out = {}
+    for name, value in budget.items():
+        if name not in names:
+            raise ValueError(f"{arg}: unknown layer name {name!r}; prunable weights are {names}")
+        out[name] = check(value, f"{arg}[{name!r}]")
+    return out
+
+
 def check_structure(structure) -> Structure:
     """Validate a ``structure`` argument and return it in canonical form."""
     allowed = "None, 'neuron', (n, m) with 0 < n < m for N:M, or ('block', rows, cols)"
