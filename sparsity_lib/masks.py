@@ -14,7 +14,9 @@ Survey §2.1 (model sparsity) and §3 (what to prune). Defined for Chapter 01, u
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+import math
+
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -32,6 +34,11 @@ class Mask(nn.Module):
     a dense one). The copy is a non-persistent buffer, so ``state_dict`` holds only the boolean mask; it is
     refreshed whenever ``mask`` changes (in-place edits and ``load_state_dict`` included), detected through the
     tensor's version counter.
+
+    ``hard_mask()`` returns ``mask``: the library's own mask is the simplest user of the mask protocol (see the
+    module docstring). With dense-gradient tracking on (:func:`track_dense_gradients`), the forward pass also
+    records :math:`\\partial L / \\partial (W \\odot M)` (see :func:`dense_gradients`); off, it costs one
+    attribute test.
     """
 
     def __init__(self, mask: torch.Tensor):
@@ -39,15 +46,41 @@ class Mask(nn.Module):
         self.register_buffer("mask", mask.detach().clone().to(torch.bool))
         self.register_buffer("multiplier", self.mask.to(torch.get_default_dtype()), persistent=False)
         self._synced = self._mask_version()
+        self.track_dense_grad = False
+        self._dense_grad: Optional[torch.Tensor] = None  # dL/d(W*M) of the last forward -> backward cycle
+        self._generation = 0       # forward passes that started a new record
+        self._grad_generation = -1  # the generation _dense_grad belongs to
 
     def _mask_version(self):
         return (self.mask.data_ptr(), self.mask._version)
+
+    def hard_mask(self) -> torch.Tensor:
+        return self.mask
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self._synced != self._mask_version() or self.multiplier.dtype != weight.dtype:
             self.multiplier = self.mask.to(device=weight.device, dtype=weight.dtype)
             self._synced = self._mask_version()
-        return weight * self.multiplier
+        out = weight * self.multiplier
+        if self.track_dense_grad and out.requires_grad:
+            self._watch(out)
+        return out
+
+    def _watch(self, out: torch.Tensor) -> None:
+        # A forward pass starts a new record once the previous record has received its gradient; the uses of
+        # the weight within one forward pass (a layer called twice) share the record and their gradients add up.
+        if self._grad_generation == self._generation:
+            self._generation += 1
+        generation = self._generation
+
+        def store(grad: torch.Tensor) -> None:
+            if self._grad_generation != generation or self._dense_grad is None:
+                self._dense_grad = grad.detach().clone()
+                self._grad_generation = generation
+            else:
+                self._dense_grad = self._dense_grad + grad.detach()
+
+        out.register_hook(store)
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum())
@@ -63,19 +96,104 @@ def _prunable_modules(model: nn.Module) -> Dict[str, nn.Module]:
     return out
 
 
-def _mask_module(module: nn.Module) -> Mask | None:
+def is_mask(parametrization) -> bool:
+    """Whether a parametrization counts as a mask: it has a method ``hard_mask()`` (the mask protocol)."""
+    return callable(getattr(parametrization, "hard_mask", None))
+
+
+def _chain(module: nn.Module) -> list:
+    """The parametrizations of ``module.weight``, in order of application (empty when there are none)."""
     if parametrize.is_parametrized(module, "weight"):
-        for p in module.parametrizations["weight"]:
-            if isinstance(p, Mask):
-                return p
+        return list(module.parametrizations["weight"])
+    return []
+
+
+def _mask_module(module: nn.Module) -> Mask | None:
+    """The library's own :class:`Mask` of a layer, if any."""
+    for p in _chain(module):
+        if isinstance(p, Mask):
+            return p
     return None
 
 
 def _original(module: nn.Module) -> torch.nn.Parameter:
     """The underlying trainable tensor (``original`` when masked, ``weight`` otherwise)."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
+        plist = module.parametrizations["weight"]
+        if not hasattr(plist, "original"):
+            raise ValueError(f"the weight of this {type(module).__name__} is parametrized by "
+                             f"{[type(p).__name__ for p in plist]} over several tensors "
+                             f"({[k for k in plist._parameters]}): sparsity_lib cannot mask or read it")
+        return plist.original
     return module.weight
+
+
+def _hard_mask(module: nn.Module, name: str = "weight") -> Optional[torch.Tensor]:
+    """AND of the ``hard_mask()`` of every mask on the layer's weight (a new tensor); ``None`` if it has none."""
+    out = None
+    for p in _chain(module):
+        if not is_mask(p):
+            continue
+        hard = p.hard_mask()
+        if not isinstance(hard, torch.Tensor) or hard.dtype != torch.bool or tuple(hard.shape) != tuple(
+                module.weight.shape):
+            raise TypeError(f"{type(p).__name__}.hard_mask() on {name} must return a bool tensor of the weight's "
+                            f"shape {tuple(module.weight.shape)}, got "
+                            f"{getattr(hard, 'dtype', type(hard).__name__)} {tuple(getattr(hard, 'shape', ()))}")
+        hard = hard.detach()
+        out = hard.clone() if out is None else out & hard.to(out.device)
+    return out
+
+
+def _eval_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight evaluated deterministically: its parametrizations in eval mode, no gradient."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return module.weight.detach()
+    plist = module.parametrizations["weight"]
+    modes = [(m, m.training) for m in plist.modules()]
+    plist.eval()
+    try:
+        with torch.no_grad():
+            return module.weight.detach().clone()
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _masked_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The weight as a deterministic evaluation sees it: eval-mode weight times the hard mask."""
+    weight = _eval_weight(module)
+    hard = _hard_mask(module, name)
+    return weight if hard is None else weight * hard.to(device=weight.device, dtype=weight.dtype)
+
+
+def _foreign(module: nn.Module) -> Optional[str]:
+    """Why masks cannot be attached to this layer's weight (someone else's transform sits under it), or None."""
+    from torch.nn.utils import prune as torch_prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm, torch_prune.BasePruningMethod)):
+            return (f"it carries a {type(hook).__name__} forward pre-hook (torch.nn.utils.weight_norm, "
+                    "spectral_norm or prune) that recomputes the weight in every forward pass; remove it first "
+                    "(torch.nn.utils.remove_weight_norm / remove_spectral_norm / prune.remove) or use "
+                    "torch.nn.utils.parametrizations.spectral_norm registered after the mask")
+    chain = _chain(module)
+    if not chain:
+        return None
+    plist = module.parametrizations["weight"]
+    if not hasattr(plist, "original"):
+        return (f"its weight is parametrized by {[type(p).__name__ for p in chain]} over several tensors (e.g. "
+                "parametrizations.weight_norm): a mask cannot be placed under it; remove it first "
+                "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
+    own = next((i for i, p in enumerate(chain) if isinstance(p, Mask)), len(chain))
+    before = [type(p).__name__ for p in chain[:own] if not is_mask(p)]
+    if before:
+        return (f"its weight is parametrized by {before}, which would sit under the mask (the mask must come "
+                "first for masked weights to stay zero); apply the masks before registering your parametrization, "
+                "or remove it first")
+    return None
 
 
 def prunable(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -99,11 +217,31 @@ def _check_has_prunable(model: nn.Module) -> Dict[str, nn.Module]:
     return modules
 
 
-def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Dict[str, nn.Module]:
-    """Check ``masks`` against ``model`` (names, shapes, dtypes) without changing anything; return the modules."""
+def _shared_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> Dict[str, List[str]]:
+    """{prunable name: [other names of the same Parameter]} for prunable weights shared (tied) with another place."""
+    holders: Dict[int, List[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(pname)
+    out = {}
+    for name, module in modules.items():
+        try:
+            param = _original(module)
+        except ValueError:
+            continue
+        names = holders.get(id(param), [])
+        if len(names) > 1:
+            own = {name, name[:-len("weight")] + "parametrizations.weight.original"}
+            out[name] = [n for n in names if n not in own]
+    return {k: v for k, v in out.items() if v}
+
+
+def _prepare_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]):
+    """Validate ``masks`` against ``model`` and move each to its weight's device; nothing on the model changes."""
     modules = _check_has_prunable(model)
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a dict {{name: bool tensor}}, got {type(masks).__name__}")
+    shared = _shared_weights(model, {n: modules[n] for n in masks if n in modules})
+    ready = {}
     for name, mask in masks.items():
         if name not in modules:
             raise ValueError(f"masks: unknown layer name {name!r}; prunable weights are {list(modules)}")
@@ -111,10 +249,30 @@ def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Dict[
             raise TypeError(f"masks[{name!r}] must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise TypeError(f"masks[{name!r}] must have dtype torch.bool, got {mask.dtype}")
+        why = _foreign(modules[name])
+        if why:
+            raise ValueError(f"masks[{name!r}]: cannot mask this layer: {why}")
+        if name in shared:
+            raise ValueError(f"masks[{name!r}]: this weight is shared (tied) with {shared[name]}: a mask on one "
+                             "of them would leave the other using (and training) the pruned values, so the model "
+                             "would be less sparse than reported. Untie the weights (e.g. give each its own "
+                             "nn.Parameter) or leave this layer out of masks / sl.prune's scope")
         shape = tuple(_original(modules[name]).shape)
         if tuple(mask.shape) != shape:
             raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)}, the weight has shape {shape}")
-    return modules
+        device = _original(modules[name]).device
+        try:
+            ready[name] = mask.to(device=device)
+        except (RuntimeError, AssertionError) as error:
+            raise ValueError(f"masks[{name!r}] is on {mask.device} and cannot be moved to the weight's device "
+                             f"{device}: {error}") from error
+    return modules, ready
+
+
+def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Dict[str, nn.Module]:
+    """Check ``masks`` against ``model`` (names, shapes, dtypes, devices, layers that can carry a mask: no
+    foreign weight transform under it, no tied weight) without changing anything; return the modules."""
+    return _prepare_masks(model, masks)[0]
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -126,8 +284,11 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     ``<layer>.parametrizations.weight.0.mask`` (these are the ``state_dict`` keys until :func:`remove_masks`).
     The stored values of masked weights are also set to zero, so that nothing of them survives in ``original``.
 
-    All masks are validated before anything changes: a wrong name, shape or dtype raises and leaves the model
-    as it was.
+    All masks are validated before anything changes (all or nothing): a wrong name, shape, dtype or a device the
+    mask cannot move to raises and leaves the model as it was. So does a layer that cannot carry a mask
+    correctly: a weight tied to another module's, one recomputed by ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` / ``prune`` hooks, or one under a parametrization that is not a mask (register your own
+    parametrizations, e.g. ``torch.nn.utils.parametrizations.spectral_norm``, *after* the mask: they then compose).
 
     Example::
 
@@ -136,11 +297,9 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
         >>> float((model.weight == 0).float().mean())
         0.5
     """
-    modules = validate_masks(model, masks)
-    for name, mask in masks.items():
+    modules, ready = _prepare_masks(model, masks)
+    for name, mask in ready.items():
         module = modules[name]
-        original = _original(module)
-        mask = mask.to(device=original.device)
         existing = _mask_module(module)
         if existing is not None:
             existing.mask.copy_(mask)
@@ -154,21 +313,40 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
 def get_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``{name: bool tensor}`` for every prunable weight (an all-``True`` mask for a layer that has none).
 
-    The tensors are copies: changing them does not change the model (use :func:`apply_masks`).
+    A layer's mask is the AND of the ``hard_mask()`` of every mask parametrization on its weight (the mask
+    protocol: the library's :class:`Mask`, a learned supermask, gates...). The tensors are copies: changing them
+    does not change the model (use :func:`apply_masks`).
     """
     out = {}
     for name, module in _check_has_prunable(model).items():
-        existing = _mask_module(module)
-        if existing is not None:
-            out[name] = existing.mask.detach().clone()
-        else:
-            out[name] = torch.ones_like(module.weight, dtype=torch.bool)
+        hard = _hard_mask(module, name)
+        out[name] = hard if hard is not None else torch.ones_like(module.weight, dtype=torch.bool)
     return out
 
 
 def is_masked(model: nn.Module) -> bool:
-    """Whether any prunable layer of ``model`` carries a mask."""
-    return any(_mask_module(m) is not None for m in _prunable_modules(model).values())
+    """Whether any prunable layer of ``model`` carries a mask (any parametrization with ``hard_mask()``)."""
+    return any(is_mask(p) for m in _prunable_modules(model).values() for p in _chain(m))
+
+
+def _removal_plan(name: str, module: nn.Module):
+    """How to take the masks off one layer: ``None`` (no mask), ``"all"`` (every parametrization of the weight is
+    a mask) or ``k`` (the first ``k`` are masks, the rest a user's); raises if a mask follows a user's transform."""
+    chain = _chain(module)
+    flags = [is_mask(p) for p in chain]
+    if not any(flags):
+        return None
+    if all(flags):
+        return "all"
+    k = flags.index(False)
+    if any(flags[k:]):
+        raise ValueError(f"remove_masks: {name} has a mask after a parametrization that is not a mask "
+                         f"({[type(p).__name__ for p in chain]}): it cannot be baked into the stored weight "
+                         "without removing the other one too; remove that parametrization first "
+                         "(torch.nn.utils.parametrize.remove_parametrizations), then call remove_masks")
+    if not hasattr(module.parametrizations["weight"], "original"):  # pragma: no cover - masks take one tensor
+        raise ValueError(f"remove_masks: {name}'s parametrizations take several tensors; cannot bake the mask")
+    return k
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
@@ -176,33 +354,69 @@ def remove_masks(model: nn.Module) -> nn.Module:
 
     ``state_dict`` keys return to the dense ones (``fc1.weight``). Sparsity is kept (the zeros are stored), but
     nothing holds pruned weights at zero any more: further training may make them nonzero.
+
+    Every parametrization with ``hard_mask()`` counts as a mask. When all parametrizations of a weight are masks,
+    the weight becomes the plain parameter :math:`W_{\\text{eval}} \\odot M`: the parametrized weight evaluated
+    deterministically (the parametrizations in eval mode, no gradient) times the AND of the hard masks. A user's
+    own parametrization registered *after* the masks (e.g. ``spectral_norm``) stays: the masks before it are baked
+    into its input and only they are removed. Masks after a user's parametrization cannot be undone cleanly:
+    ``ValueError`` before anything changes.
     """
-    for module in _prunable_modules(model).values():
-        if parametrize.is_parametrized(module, "weight"):
-            _remove_weight_parametrization(module)
+    plans = {name: _removal_plan(name, module) for name, module in _prunable_modules(model).items()}
+    modules = _prunable_modules(model)
+    for name, plan in plans.items():
+        module = modules[name]
+        if plan == "all":
+            baked = _masked_weight(module, name)
+            _remove_weight_parametrization(module, baked)
             # Linear and Conv register weight before bias: restore that order so state_dict keys read as before
             module._parameters = {"weight": module._parameters.pop("weight"), **module._parameters}
+        elif plan is not None:
+            _bake_mask_prefix(module, plan, name)
     return model
 
 
-def _remove_weight_parametrization(module: nn.Module) -> None:
-    """Turn a masked ``weight`` back into a plain parameter holding ``original * mask``.
+def _bake_mask_prefix(module: nn.Module, k: int, name: str) -> None:
+    """Apply the first ``k`` parametrizations (all masks, in eval mode) to ``original`` and drop them."""
+    plist = module.parametrizations["weight"]
+    original = plist.original
+    modes = [(m, m.training) for m in plist.modules()]
+    plist.eval()
+    try:
+        with torch.no_grad():
+            x = original.detach()
+            hard = None
+            for p in list(plist)[:k]:
+                x = p(x)
+                h = p.hard_mask().detach()
+                hard = h if hard is None else hard & h
+            original.copy_(x * hard.to(x))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    for _ in range(k):
+        del plist[0]
+
+
+def _remove_weight_parametrization(module: nn.Module, baked: torch.Tensor) -> None:
+    """Turn a masked ``weight`` back into a plain parameter holding ``baked`` (the masked weight).
 
     ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the ``weight`` property from the module's
     class, but ``copy.deepcopy`` of a parametrized module *shares* that dynamically created class with the
-    original: unmasking a copy would break the original model. When the mask is the only parametrization of the
-    module (always so for masks made by this library), we instead restore the module's own class on this
-    instance alone, which leaves every other instance untouched. The ``Parameter`` object is kept (as torch does),
-    so optimizers that hold it keep working.
+    original: unmasking a copy would break the original model. When only ``weight`` is parametrized (always so
+    for masks made by this library), we instead restore the module's own class on this instance alone, which
+    leaves every other instance untouched. The ``Parameter`` object is kept (as torch does), so optimizers that
+    hold it keep working.
     """
     plist = module.parametrizations
-    only_our_mask = list(plist.keys()) == ["weight"] and len(plist["weight"]) == 1 and isinstance(plist["weight"][0], Mask)
-    if not only_our_mask:
+    if list(plist.keys()) != ["weight"] or not hasattr(plist["weight"], "original"):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        with torch.no_grad():
+            module.weight.copy_(baked)
         return
     original = plist["weight"].original
     with torch.no_grad():
-        original.mul_(plist["weight"][0].mask.to(original.dtype))
+        original.copy_(baked)
     del module._modules["parametrizations"]
     module.__class__ = module.__class__.__bases__[0]  # the class before parametrization, e.g. nn.Linear
     module.register_parameter("weight", original)
@@ -232,12 +446,16 @@ def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
 
 
 def sparsity(model: nn.Module) -> float:
-    """Fraction of prunable weights that are exactly zero (0.0 for a dense model, 0.9 after 90% pruning)."""
+    """Fraction of prunable weights that are exactly zero (0.0 for a dense model, 0.9 after 90% pruning).
+
+    A weight counts as zero when its hard mask removes it or when the deterministically evaluated weight is zero
+    (learned masks in training mode may be stochastic: their ``hard_mask()`` is what is reported).
+    """
     total, zeros = 0, 0
-    with torch.no_grad():
-        for weight in prunable(model).values():
-            total += weight.numel()
-            zeros += int((weight == 0).sum())
+    for name, module in _prunable_modules(model).items():
+        weight = _masked_weight(module, name)
+        total += weight.numel()
+        zeros += int((weight == 0).sum())
     if total == 0:
         raise ValueError("model has no prunable weights")
     return zeros / total
@@ -246,15 +464,15 @@ def sparsity(model: nn.Module) -> float:
 def sparsity_report(model: nn.Module):
     """Per-layer table of the prunable weights: name, shape, parameters, nonzeros, sparsity (plus a total row).
 
-    Returns a ``pandas.DataFrame`` when pandas is installed (it renders as a table in a notebook), else a list
-    of dicts.
+    Counts as :func:`sparsity` does (hard masks honoured). Returns a ``pandas.DataFrame`` when pandas is
+    installed (it renders as a table in a notebook), else a list of dicts.
     """
     rows = []
-    with torch.no_grad():
-        for name, weight in prunable(model).items():
-            nnz = int((weight != 0).sum())
-            rows.append({"name": name, "shape": tuple(weight.shape), "params": weight.numel(), "nonzeros": nnz,
-                         "sparsity": 1 - nnz / weight.numel()})
+    for name, module in _prunable_modules(model).items():
+        weight = _masked_weight(module, name)
+        nnz = int((weight != 0).sum())
+        rows.append({"name": name, "shape": tuple(weight.shape), "params": weight.numel(), "nonzeros": nnz,
+                     "sparsity": 1 - nnz / weight.numel()})
     if not rows:
         raise ValueError("model has no prunable weights")
     total = sum(r["params"] for r in rows)
@@ -267,6 +485,170 @@ def sparsity_report(model: nn.Module):
     return pd.DataFrame(rows).set_index("name").round({"sparsity": 4})
 
 
+# ------------------------------------------------------------------------------- masks that change (growth)
+def trainable(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """``{name: nn.Parameter}``: the tensor the optimizer updates for every prunable weight, by dense name
+    (``<layer>.parametrizations.weight.original`` when the layer is masked, ``<layer>.weight`` otherwise)."""
+    return {name: _original(module) for name, module in _check_has_prunable(model).items()}
+
+
+def track_dense_gradients(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch the dense-gradient mode of every masked layer on (or off) and return ``model``.
+
+    With the mode on, each forward pass of a masked layer (with gradients enabled) records the gradient that
+    reaches the effective weight :math:`\\tilde W = W \\odot M` in the backward pass,
+
+    .. math::  G = \\frac{\\partial L}{\\partial \\tilde W}, \\qquad
+               \\frac{\\partial L}{\\partial W} = G \\odot M ,
+
+    at *every* position, pruned ones included: the gradient RigL grows by (Evci et al. {cite}`evci2020rigging`,
+    survey §4.2). What the optimizer sees does not change: ``original.grad`` stays :math:`G \\odot M`. Read
+    :math:`G` with :func:`dense_gradients`. Off (the default), a masked forward pass costs nothing extra.
+
+    Only the library's :class:`Mask` layers are tracked, those present now (call again after masking new layers;
+    :func:`apply_masks` / :func:`replace_masks` on an already masked layer keep its setting). Survey §4.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    layers = {name: _mask_module(m) for name, m in _check_has_prunable(model).items()}
+    layers = {name: m for name, m in layers.items() if m is not None}
+    if enabled and not layers:
+        raise ValueError("track_dense_gradients: the model has no masked layer (apply masks first, e.g. with "
+                         "sl.apply_masks or sl.prune); an unmasked weight's .grad is already dense")
+    for mask in layers.values():
+        mask.track_dense_grad = enabled
+        if not enabled:
+            mask._dense_grad = None
+    return model
+
+
+def dense_gradients(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{name: G}`` with :math:`G = \\partial L / \\partial (W \\odot M)` for every tracked masked layer.
+
+    Rule: :math:`G` belongs to the last forward -> backward cycle. A forward pass (with gradients enabled) after
+    a backward pass starts a new record; the uses of a layer within one forward pass add up (as ``.grad`` does
+    for a weight used twice); a forward pass whose graph is never backpropagated does not count. Gradient
+    accumulation over several backward passes is therefore *not* summed here: sum the records yourself. The
+    tensors are copies. Raises ``RuntimeError`` naming the layer when no gradient has been recorded for it since
+    tracking was switched on (see :func:`track_dense_gradients`).
+    """
+    out = {}
+    for name, module in _check_has_prunable(model).items():
+        mask = _mask_module(module)
+        if mask is None or not mask.track_dense_grad:
+            continue
+        if mask._dense_grad is None:
+            raise RuntimeError(f"dense_gradients: no gradient recorded for {name} yet: run a forward and a backward "
+                               "pass with tracking on (sl.masks.track_dense_gradients(model))")
+        out[name] = mask._dense_grad.clone()
+    if not out:
+        raise RuntimeError("dense_gradients: no masked layer of the model is tracked; call "
+                           "sl.masks.track_dense_gradients(model) before the forward pass")
+    return out
+
+
+def replace_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
+                  init: Union[float, Mapping[str, torch.Tensor]] = 0.0) -> Dict[str, torch.Tensor]:
+    """Replace the masks of the named layers, allowing weights to come back; return the revived positions.
+
+    Unlike cumulative :func:`sparsity_lib.prune` (which ANDs a new mask with the old one), the new mask is taken
+    as it is: positions it keeps that the old mask removed are *revived* and their stored values set to ``init``
+    (a float for all, zero by default as in RigL and SET, or ``{name: tensor of the weight's shape}``, of which
+    only the revived positions are read); positions it removes are zeroed as in :func:`apply_masks`; surviving
+    weights keep their values. Returns ``{name: bool tensor}``, True where a weight was revived. The optimizer's
+    state of revived weights is not touched: see :func:`reset_optimizer_state`.
+
+    All arguments are validated before anything changes. A layer whose weight carries another mask (e.g. a
+    learned supermask) that would keep a revived weight at zero is refused. Survey §4 (regrowth). Defined for
+    Chapter 09.
+    """
+    modules, ready = _prepare_masks(model, masks)
+    if isinstance(init, bool) or not isinstance(init, (int, float, Mapping)):
+        raise TypeError(f"init must be a float or a dict {{name: tensor}}, got {type(init).__name__}")
+    if isinstance(init, Mapping):
+        for name, value in init.items():
+            if name not in ready:
+                raise ValueError(f"init: {name!r} is not a layer of masks ({list(ready)})")
+            shape = tuple(_original(modules[name]).shape)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                raise ValueError(f"init[{name!r}] must be a tensor of the weight's shape {shape}, got "
+                                 f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"init[{name!r}] contains NaN or infinite values")
+    elif not math.isfinite(init):
+        raise ValueError(f"init must be finite, got {init!r}")
+    revived = {}
+    for name, mask in ready.items():
+        module = modules[name]
+        own = _mask_module(module)
+        old = own.mask.clone() if own is not None else torch.ones_like(mask)
+        others = [p for p in _chain(module) if is_mask(p) and p is not own]
+        for p in others:
+            blocked = mask & ~p.hard_mask().to(mask.device)
+            if blocked.any():
+                raise ValueError(f"replace_masks: {name} also carries {type(p).__name__}, which keeps "
+                                 f"{int(blocked.sum())} of the positions masks[{name!r}] keeps at zero")
+        revived[name] = mask & ~old
+    for name, mask in ready.items():
+        original = _original(modules[name])
+        apply_masks(model, {name: mask})
+        if revived[name].any():
+            with torch.no_grad():
+                if isinstance(init, Mapping):
+                    if name in init:
+                        value = init[name].to(original)
+                        original[revived[name]] = value[revived[name]]
+                else:
+                    original[revived[name]] = float(init)
+    return revived
+
+
+#: Per-parameter optimizer state that :func:`reset_optimizer_state` zeroes (SGD, Adam, AdamW, amsgrad).
+OPTIMIZER_MOMENTS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
+                          positions: Mapping[str, torch.Tensor]) -> None:
+    """Zero the optimizer's moments at the given positions of prunable weights: SGD's ``momentum_buffer``,
+    Adam/AdamW's ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` (``amsgrad``). Nothing else changes
+    (the step counts stay, other positions keep their state).
+
+    ``positions`` is ``{name: bool tensor of the weight's shape}`` (e.g. what :func:`replace_masks` returns):
+    a revived weight then starts without the momentum it gathered while masked, as in RigL
+    (Evci et al. {cite}`evci2020rigging`). A weight without state yet (before the first step) is skipped.
+    Validated before anything changes: unknown names, wrong shapes or dtypes, a weight the optimizer does not
+    hold, or a per-weight state tensor this function does not know (another optimizer) raise ``ValueError``.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    params = trainable(model)
+    if not isinstance(positions, Mapping):
+        raise TypeError(f"positions must be a dict {{name: bool tensor}}, got {type(positions).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    work = []
+    for name, where in positions.items():
+        if name not in params:
+            raise ValueError(f"positions: unknown layer name {name!r}; prunable weights are {list(params)}")
+        param = params[name]
+        if not isinstance(where, torch.Tensor) or where.dtype != torch.bool or where.shape != param.shape:
+            raise ValueError(f"positions[{name!r}] must be a bool tensor of the weight's shape "
+                             f"{tuple(param.shape)}")
+        if id(param) not in held:
+            raise ValueError(f"positions[{name!r}]: the optimizer does not update this weight")
+        state = optimizer.state.get(param, {})
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and key not in OPTIMIZER_MOMENTS:
+                raise ValueError(f"reset_optimizer_state: unknown per-weight state {key!r} of "
+                                 f"{type(optimizer).__name__}; supported: SGD, Adam, AdamW ({OPTIMIZER_MOMENTS})")
+        work.append((state, where))
+    with torch.no_grad():
+        for state, where in work:
+            for key in OPTIMIZER_MOMENTS:
+                value = state.get(key)
+                if isinstance(value, torch.Tensor):
+                    value[where.to(value.device)] = 0
+
+
 def count_params(model: nn.Module) -> int:
     """Number of prunable weights."""
     return sum(w.numel() for w in prunable(model).values())
@@ -274,5 +656,6 @@ def count_params(model: nn.Module) -> int:
 
 __all__ = [
     "Mask", "PRUNABLE_TYPES", "prunable", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity",
-    "sparsity_report", "validate_masks", "is_masked", "count_params",
+    "sparsity_report", "validate_masks", "is_masked", "is_mask", "count_params", "trainable",
+    "track_dense_gradients", "dense_gradients", "replace_masks", "reset_optimizer_state", "OPTIMIZER_MOMENTS",
 ]

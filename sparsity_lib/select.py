@@ -246,3 +246,56 @@ def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     if keep:
         out[torch.topk(scores.reshape(-1), keep).indices] = True
     return out.reshape(scores.shape)
+
+
+def _check_count_of(count, name: str, maximum: int, what: str) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= maximum:
+        raise ValueError(f"{name} must be an integer in [0, {maximum}] ({what}), got {count!r}")
+    return count
+
+
+def drop_and_grow(mask: torch.Tensor, drop_scores: torch.Tensor, grow_scores: torch.Tensor,
+                  count: int) -> torch.Tensor:
+    """One connectivity update of dynamic sparse training: drop ``count`` active weights, grow ``count`` others.
+
+    .. math::  K = \\operatorname{top}_{a - c}\\{d_i : m_i\\}, \\qquad
+               m' = K \\cup \\operatorname{top}_{c}\\{g_i : i \\notin K\\},
+
+    with :math:`a` the number of active weights, :math:`c` = ``count``, :math:`d` the drop scores (higher =
+    keep, e.g. :math:`|w|`) and :math:`g` the grow scores (higher = grow, e.g. :math:`|\\partial L/\\partial w|`
+    for RigL, random for SET). As in RigL's reference code (Evci et al. {cite}`evci2020rigging`), growth
+    chooses among all positions not kept, the ones just dropped included (a dropped weight may come straight
+    back). The number of active weights is unchanged. Ties are broken deterministically by position: among
+    equal scores the earlier position in row-major (flattened) order ranks higher, for keeping and for growing.
+
+    Pure: returns a new bool tensor and changes nothing. ``mask`` is a bool tensor, the scores are real tensors
+    of its shape; ``count`` an integer in ``[0, active weights]`` (there are always at least ``count`` positions
+    not kept). NaN among the drop scores of active weights or among the grow scores raises ``ValueError``.
+    Survey §4 (Table "dynamic sparse training"). Defined for Chapter 09.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a torch.bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    for arg, scores in (("drop_scores", drop_scores), ("grow_scores", grow_scores)):
+        if not isinstance(scores, torch.Tensor) or scores.dtype == torch.bool or scores.is_complex():
+            raise TypeError(f"{arg} must be a real-valued tensor of the mask's shape {tuple(mask.shape)}")
+        if tuple(scores.shape) != tuple(mask.shape):
+            raise ValueError(f"{arg} has shape {tuple(scores.shape)}, the mask has shape {tuple(mask.shape)}")
+    active = int(mask.sum())
+    count = _check_count_of(count, "count", active, f"at most the {active} active weights of mask")
+    flat = mask.reshape(-1)
+    d = drop_scores.detach().reshape(-1).to(device=mask.device, dtype=torch.float64)
+    g = grow_scores.detach().reshape(-1).to(device=mask.device, dtype=torch.float64)
+    if torch.isnan(d[flat]).any():
+        raise ValueError("drop_scores contains NaN at active positions of mask")
+    if torch.isnan(g).any():
+        raise ValueError("grow_scores contains NaN")
+    n = flat.numel()
+    kept = torch.zeros(n, dtype=torch.bool, device=mask.device)
+    candidates = torch.nonzero(flat).reshape(-1)  # increasing positions: a stable sort keeps earlier ones first
+    order = candidates[torch.sort(d[candidates], descending=True, stable=True).indices]
+    kept[order[:active - count]] = True
+    if count:
+        free = torch.nonzero(~kept).reshape(-1)
+        order = free[torch.sort(g[free], descending=True, stable=True).indices]
+        kept[order[:count]] = True
+    return kept.reshape(mask.shape)
