@@ -130,15 +130,17 @@ def _original(module: nn.Module) -> torch.nn.Parameter:
 
 def _hard_mask(module: nn.Module, name: str = "weight") -> Optional[torch.Tensor]:
     """AND of the ``hard_mask()`` of every mask on the layer's weight (a new tensor); ``None`` if it has none."""
-    out = None
+    out, shape = None, None
     for p in _chain(module):
         if not is_mask(p):
             continue
         hard = p.hard_mask()
-        if not isinstance(hard, torch.Tensor) or hard.dtype != torch.bool or tuple(hard.shape) != tuple(
-                module.weight.shape):
+        if shape is None:
+            with torch.no_grad():
+                shape = tuple(module.weight.shape)
+        if not isinstance(hard, torch.Tensor) or hard.dtype != torch.bool or tuple(hard.shape) != shape:
             raise TypeError(f"{type(p).__name__}.hard_mask() on {name} must return a bool tensor of the weight's "
-                            f"shape {tuple(module.weight.shape)}, got "
+                            f"shape {shape}, got "
                             f"{getattr(hard, 'dtype', type(hard).__name__)} {tuple(getattr(hard, 'shape', ()))}")
         hard = hard.detach()
         out = hard.clone() if out is None else out & hard.to(out.device)

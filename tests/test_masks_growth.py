@@ -280,3 +280,96 @@ def test_reset_optimizer_state_refusals(mlp):
         sl.reset_optimizer_state(sgd, mlp, {"x.weight": where["0.weight"]})
     with pytest.raises(ValueError, match="shape"):
         sl.reset_optimizer_state(sgd, mlp, {"2.weight": where["0.weight"]})
+
+
+# ---------------------------------------------------------------------------------------- masks that learn
+class Gate(nn.Module):
+    """A learned gate defined here, not by the library: weight * sigmoid(logits), noisy while training,
+    with the hard mask logits > 0 (zero below)."""
+
+    def __init__(self, shape, seed=0):
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+
+    def hard_mask(self):
+        return self.logits.detach() > 0
+
+    def forward(self, weight):
+        gate = torch.sigmoid(self.logits) * (self.logits > 0)
+        if self.training:
+            gate = gate * (0.5 + torch.rand_like(gate)) + 0.01  # stochastic and never exactly zero
+        return weight * gate
+
+
+class Scale(nn.Module):
+    """A user's parametrization that is not a mask."""
+
+    def forward(self, weight):
+        return 2.0 * weight
+
+
+def test_a_custom_parametrization_with_hard_mask_is_a_mask(mlp):
+    parametrize.register_parametrization(mlp[2], "weight", Gate(mlp[2].weight.shape), unsafe=True)
+    gate = mlp[2].parametrizations.weight[0]
+    hard = gate.logits.detach() > 0
+    assert sl.masks.is_masked(mlp)
+    masks = sl.get_masks(mlp)
+    assert torch.equal(masks["2.weight"], hard) and masks["0.weight"].all() and masks["4.weight"].all()
+    mlp.train()
+    assert (sl.prunable(mlp)["2.weight"] != 0).all(), "in training mode the gate is noisy and never zero"
+    removed = int((~hard).sum())
+    assert sl.sparsity(mlp) == pytest.approx(removed / sl.masks.count_params(mlp)), "the hard mask is reported"
+    report = sl.sparsity_report(mlp)
+    assert report.loc["2.weight", "nonzeros"] == int(hard.sum()) and report.loc["0.weight", "nonzeros"] == 40 * 16
+    assert mlp.training and gate.training, "reading the sparsity restores the training mode"
+    # the library's own mask composes with it: the layer's mask is the AND
+    extra = random_masks(mlp, density=0.7)["2.weight"]
+    sl.apply_masks(mlp, {"2.weight": extra})
+    assert torch.equal(sl.get_masks(mlp)["2.weight"], hard & extra)
+    expected = mlp[2].parametrizations.weight.original.detach() * torch.sigmoid(gate.logits.detach()) * hard * extra
+    sl.remove_masks(mlp)
+    assert not parametrize.is_parametrized(mlp[2]) and isinstance(mlp[2].weight, nn.Parameter)
+    assert list(mlp.state_dict())[:4] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    torch.testing.assert_close(mlp[2].weight.detach(), expected, rtol=0, atol=0)
+
+
+def test_topk_supermask_is_public_and_a_mask():
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 6)
+    scores = torch.randn(6, 5)
+    alive = torch.rand(6, 5) < 0.8
+    param = sl.lottery.TopKSupermask(scores.clone(), alive, keep=10)
+    w = layer.weight.detach().clone()
+    parametrize.register_parametrization(layer, "weight", param, unsafe=True)
+    a = scores.abs().masked_fill(~alive, -float("inf"))
+    hard = sl.select.topk_mask(a, 10)
+    assert torch.equal(sl.get_masks(layer)["weight"], hard) and sl.sparsity(layer) == pytest.approx(1 - 10 / 30)
+    sl.remove_masks(layer)
+    assert torch.equal(layer.weight.detach(), w * hard)
+    with pytest.raises(ValueError, match="keep"):
+        sl.lottery.TopKSupermask(scores.clone(), alive, keep=int(alive.sum()) + 1)
+
+
+def test_remove_masks_keeps_a_users_parametrization_registered_after_the_mask(mlp):
+    masks = random_masks(mlp)
+    sl.apply_masks(mlp, masks)
+    spectral = torch.nn.utils.parametrizations.spectral_norm(mlp[2])
+    assert [type(p).__name__ for p in spectral.parametrizations.weight] == ["Mask", "_SpectralNorm"]
+    mlp.eval()
+    before = mlp[2].weight.detach().clone()
+    assert (before[~masks["2.weight"]] == 0).all() and sl.get_masks(mlp)["2.weight"].equal(masks["2.weight"])
+    sl.remove_masks(mlp)
+    assert not parametrize.is_parametrized(mlp[0])
+    assert [type(p).__name__ for p in mlp[2].parametrizations.weight] == ["_SpectralNorm"], "the user's stays"
+    torch.testing.assert_close(mlp[2].weight.detach(), before)
+    assert not sl.masks.is_masked(mlp)
+
+
+def test_remove_masks_refuses_a_mask_after_a_users_parametrization(mlp):
+    sl.apply_masks(mlp, random_masks(mlp))
+    parametrize.register_parametrization(mlp[4], "weight", Scale())
+    parametrize.register_parametrization(mlp[4], "weight", Gate(mlp[4].weight.shape), unsafe=True)
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="4.weight.*after a parametrization that is not a mask"):
+        sl.remove_masks(mlp)
+    assert_unchanged(mlp, before)
