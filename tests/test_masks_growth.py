@@ -373,3 +373,123 @@ def test_remove_masks_refuses_a_mask_after_a_users_parametrization(mlp):
     with pytest.raises(ValueError, match="4.weight.*after a parametrization that is not a mask"):
         sl.remove_masks(mlp)
     assert_unchanged(mlp, before)
+
+
+# ----------------------------------------------- other people's parametrizations, hooks, tied weights, speed
+def _weight_norm_param(m):
+    torch.nn.utils.parametrizations.weight_norm(m[2])
+
+
+def _weight_norm_hook(m):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.nn.utils.weight_norm(m[2])
+
+
+def _spectral_norm_param(m):
+    torch.nn.utils.parametrizations.spectral_norm(m[2])
+
+
+def _spectral_norm_hook(m):
+    torch.nn.utils.spectral_norm(m[2])
+
+
+def _torch_prune(m):
+    torch.nn.utils.prune.l1_unstructured(m[2], "weight", 0.3)
+
+
+@pytest.mark.parametrize("setup", [_weight_norm_param, _weight_norm_hook, _spectral_norm_param,
+                                   _spectral_norm_hook, _torch_prune])
+def test_foreign_weight_transforms_are_refused_before_anything_changes(mlp, setup):
+    setup(mlp)
+    mlp.eval()  # spectral norm's power iteration would change its buffers in a training-mode forward
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="2.weight"):
+        sl.prune(mlp, 0.5, method="magnitude")
+    assert_unchanged(mlp, before)
+    with pytest.raises(ValueError, match="2.weight"):
+        sl.apply_masks(mlp, random_masks(mlp))
+    assert_unchanged(mlp, before)
+    sl.remove_masks(mlp)  # nothing of ours to remove: the user's transform stays
+    assert_unchanged(mlp, before)
+    masks = random_masks(mlp)
+    sl.apply_masks(mlp, {n: masks[n] for n in ["0.weight", "4.weight"]})  # the other layers compose
+    assert sl.get_masks(mlp)["4.weight"].equal(masks["4.weight"])
+
+
+def test_apply_masks_is_all_or_nothing_including_devices(mlp):
+    masks = random_masks(mlp)
+    masks["4.weight"] = torch.ones(sl.prunable(mlp)["4.weight"].shape, dtype=torch.bool, device="meta")
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="4.weight.*meta"):
+        sl.apply_masks(mlp, masks)
+    assert_unchanged(mlp, before)
+
+
+def test_tied_weights_are_refused_or_left_alone():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(10, 8)
+            self.hidden = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.emb.weight  # tied input and output embeddings
+
+        def forward(self, tokens):
+            return self.out(torch.relu(self.hidden(self.emb(tokens))))
+
+    model = Tied()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="out.weight.*shared.*emb.weight"):
+        sl.prune(model, 0.5, method="magnitude")
+    assert_unchanged(model, before)
+    # leaving the tied layer out works, and the tied weight stays one tensor, dense and honestly reported
+    sl.prune(model, 0.5, method="magnitude", scope="layerwise", exclude=["out.weight"])
+    assert model.out.weight is model.emb.weight and not parametrize.is_parametrized(model.out)
+    assert sl.get_masks(model)["out.weight"].all()
+    assert sl.sparsity(model) == pytest.approx(32 / (64 + 80))
+
+
+def test_functional_call_with_dense_names_on_a_masked_model(mlp):
+    masks = random_masks(mlp)
+    sl.apply_masks(mlp, masks)
+    before = snapshot(mlp)
+    original = sl.trainable(mlp)["2.weight"]
+    x, y = batch()
+    t = torch.randn(24, 40, requires_grad=True)
+    given = {"2.weight": t}
+    out = functional_call(mlp, given, (x,))
+    assert given["2.weight"] is t, "functional_call reads back what it was given"
+    h = torch.relu(mlp[0](x))
+    expected = mlp[4](torch.relu(F.linear(h, t * masks["2.weight"], mlp[2].bias)))
+    torch.testing.assert_close(out, expected)
+    F.cross_entropy(out, y).backward()
+    assert t.grad is not None and (t.grad[~masks["2.weight"]] == 0).all() and t.grad.abs().sum() > 0
+    assert sl.trainable(mlp)["2.weight"] is original
+    assert_unchanged(mlp, before)
+    # torch.func transforms over the dense names
+    params = {n: w.detach() for n, w in sl.prunable(mlp).items()}
+    grads = torch.func.grad(lambda p: F.cross_entropy(functional_call(mlp, p, (x,)), y))(params)
+    expected = oracle_dense_gradients(mlp, x, y)
+    for n in grads:
+        torch.testing.assert_close(grads[n], expected[n] * masks[n], rtol=1e-5, atol=1e-7)
+    assert_unchanged(mlp, before)
+    with pytest.raises(RuntimeError, match="right_inverse"):  # a plain assignment keeps torch's behaviour
+        mlp[2].weight = torch.zeros(24, 40)
+
+
+def test_masked_forward_has_no_graph_breaks_and_frozen_inference_is_exact(mlp):
+    sl.apply_masks(mlp, random_masks(mlp))
+    x, _ = batch()
+    explanation = torch._dynamo.explain(mlp)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    expected = mlp(x)
+    with sl.masks.frozen(mlp) as model:
+        assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
+    masks = random_masks(mlp, seed=3)
+    sl.apply_masks(mlp, masks)  # the cache ended with the block: new masks are seen
+    with sl.masks.frozen(mlp):
+        out = mlp(x)
+    torch.testing.assert_close(out, mlp(x), rtol=0, atol=0)
