@@ -61,6 +61,11 @@ class Mask(nn.Module):
     attribute test.
     """
 
+    # class-level defaults: masks pickled whole before the dense-gradient mode existed still load and run
+    track_dense_grad = False
+    _dense_grad: Optional[torch.Tensor] = None
+    _generation, _grad_generation = 0, -1
+
     def __init__(self, mask: torch.Tensor):
         super().__init__()
         self.register_buffer("mask", mask.detach().clone().to(torch.bool))
