@@ -54,11 +54,15 @@ def oracle_dense_gradients(model, x, y):
     return dict(zip(leaves, grads))
 
 
-def test_dense_gradient_equals_the_gradient_wrt_the_effective_weight(mlp):
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_dense_gradient_equals_the_gradient_wrt_the_effective_weight(net, request):
+    mlp = request.getfixturevalue(net)
     masks = random_masks(mlp)
     sl.apply_masks(mlp, masks)
     sl.track_dense_gradients(mlp)
     x, y = batch()
+    if net == "cnn":
+        x, y = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(0)), y[:8] % 4
     mlp.zero_grad()
     F.cross_entropy(mlp(x), y).backward()
     dense = sl.dense_gradients(mlp)
