@@ -532,3 +532,13 @@ def test_a_rigl_update_inside_fit_keeps_sparsity_and_restarts_revived_weights(ml
     sl.train.fit(mlp, task, epochs=2, batch_size=32, callbacks=[RigL()], progress=False)
     assert sum(seen) > 0, "connections moved"
     assert sl.sparsity(mlp) == pytest.approx(target)
+
+
+def test_check_maskable_names_the_layer_before_any_scoring(mlp):
+    sl.masks.check_maskable(mlp)
+    torch.nn.utils.parametrizations.weight_norm(mlp[4])
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="4.weight: cannot mask this layer.*weight_norm"):
+        sl.masks.check_maskable(mlp)
+    sl.masks.check_maskable(mlp, ["0.weight", "2.weight"])
+    assert_unchanged(mlp, before)
