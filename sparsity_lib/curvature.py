@@ -99,9 +99,13 @@ def check_positive_definite(H: torch.Tensor, *, what: str = "H + lambda I", advi
     positive definite (smallest eigenvalue <= ``d * eps64 * largest``): exact OBS cannot be trusted then
     (Hassibi and Stork {cite}`hassibi1993second`; survey §3.5.3, item 2). ``advice`` ends the message."""
     Hd = H.detach().to(torch.float64)
-    eig = torch.linalg.eigvalsh((Hd + Hd.T) / 2)
+    return _check_pd_eigenvalues(torch.linalg.eigvalsh((Hd + Hd.T) / 2), what=what, advice=advice)
+
+
+def _check_pd_eigenvalues(eig: torch.Tensor, *, what: str, advice: str = "") -> Tuple[float, float]:
+    """:func:`check_positive_definite` from the ascending eigenvalues ``eig`` of the matrix (no second copy)."""
     lo, hi = float(eig[0]), float(eig[-1])
-    tol = H.shape[0] * torch.finfo(torch.float64).eps * max(abs(hi), torch.finfo(torch.float64).tiny)
+    tol = eig.numel() * torch.finfo(torch.float64).eps * max(abs(hi), torch.finfo(torch.float64).tiny)
     if not lo > tol:
         raise ValueError(
             f"{what} is not positive definite: its smallest eigenvalue is {lo:.3g} (largest {hi:.3g}). The "

@@ -112,3 +112,32 @@ def sparsegpt_reference(W, H, sparsity, blocksize, percdamp, prunen=0, prunem=0)
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
     return W
+
+
+def snapshot(model):
+    """Everything a refusal must leave as it was: tensors (state_dict), parametrizations, hooks, training flags."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(p).__name__) for n, m in model.named_modules()
+             for p in getattr(getattr(m, "parametrizations", None), "weight", [])],
+            [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+            [m.training for m in model.modules()])
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert before[0].keys() == after[0].keys()
+    for k in before[0]:            # bitwise equal, NaN where there was NaN
+        a, b = before[0][k], after[0][k]
+        assert a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all()), k
+    assert before[1:] == after[1:]
+
+
+def nan_data_and_masked_model(seed=0):
+    """A masked MLP and calibration data with one NaN input value (WoodFisher used to write NaN into all weights,
+    masked ones included)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    sl.prune(model, 0.3, method="magnitude")
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    x[7, 2] = float("nan")
+    return model, [(x[:20], y[:20]), (x[20:], y[20:])]

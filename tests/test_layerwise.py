@@ -210,3 +210,15 @@ def test_sparsegpt_prunes_dead_input_columns_first():
     assert not bool(nm[:, dead].any())
     with pytest.raises(ValueError, match="dead_inputs must be one of"):
         sl.layerwise.sparsegpt_layer(W, H, 0.5, dead_inputs="zero")
+
+
+@pytest.mark.parametrize("method", ["obc", "sparsegpt", "wanda"])
+def test_non_finite_calibration_data_is_refused_and_model_unchanged(method):
+    from second_order_helpers import assert_unchanged, nan_data_and_masked_model, snapshot
+    model, data = nan_data_and_masked_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="inputs of batch 0 contains 1 non-finite"):
+        sl.prune(model, 0.6, method=method, data=data)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="W contains 1 non-finite"):
+        sl.layerwise.obc_layer(torch.tensor([[1.0, float("nan")]]), torch.eye(2), 0.5)

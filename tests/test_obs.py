@@ -247,3 +247,41 @@ def test_greedy_obs_plain_and_fast_agree(block):
         torch.testing.assert_close(fast[r], plain, rtol=1e-9, atol=1e-10)
         assert int(removed[r].sum()) == k and bool((fast[r][removed[r]] == 0).all())
         assert k == forced_n or float(plain_sal[forced_n:].min()) >= 0
+
+
+# ------------------------------------------------------------------------------------------- refusals (issue 10)
+@pytest.mark.parametrize("method", ["obd", "obs", "woodfisher"])
+def test_non_finite_calibration_data_is_refused_and_model_unchanged(method):
+    from second_order_helpers import assert_unchanged, nan_data_and_masked_model, snapshot
+    model, data = nan_data_and_masked_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="inputs of batch 0 contains 1 non-finite"):
+        sl.prune(model, 0.6, method=method, data=data)
+    assert_unchanged(model, before)
+    # a NaN that reaches the curvature another way (a weight, here a masked one: 0 * NaN = NaN) is refused too
+    clean = [(torch.nan_to_num(x), y) for x, y in data]
+    with torch.no_grad():
+        original = model[0].parametrizations.weight.original
+        original[~sl.get_masks(model)["0.weight"]] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="non-finite|NaN"):
+        sl.prune(model, 0.6, method=method, data=clean)
+    assert_unchanged(model, before)
+
+
+def test_obd_refuses_large_models_with_measured_cost_and_obs_quotes_honest_memory():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))       # d = 720
+    data = [(torch.randn(32, 20), torch.randint(0, 4, (32,)))]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"d = 720 prunable weights \(max_params = 500\), so 720 products over 32 "
+                                         r"calibration samples, about [0-9.]+ minutes.*max_params=720"):
+        sl.prune(model, 0.5, method="obd", data=data, max_params=500)
+    gib = 34 * 720 ** 2 / 2 ** 30
+    with pytest.raises(ValueError, match=rf"d = 720 prunable weights: about {gib:.2f} GiB at the peak "
+                                         r"\(max_params = 500\).*woodfisher"):
+        sl.prune(model, 0.5, method="obs", data=data, max_params=500)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sl.obs.obs_memory_bytes(720) == 34 * 720 ** 2
+    masks = sl.prune(model, 0.5, method="obd", data=data, max_params=720)    # allowed when asked for
+    assert abs(sum(int((~m).sum()) for m in masks.values()) - 360) <= 1
