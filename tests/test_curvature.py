@@ -65,3 +65,19 @@ def test_empirical_fisher_is_psd_and_matches_autograd_loop():
     G = torch.stack(grads)
     assert torch.allclose(fisher, G.T @ G / len(G), atol=1e-12)
     assert sl.curvature.min_eigenvalue(fisher) > -1e-12
+
+
+def test_hessian_diagonal_reads_a_one_shot_generator_once():
+    """The d Hessian-vector products all use the data: it is parsed once, so a generator works (it used to be
+    consumed by the first chunk, and "obd" then failed with "data is empty")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    batches = [(torch.randn(16, 5), torch.randint(0, 3, (16,))) for _ in range(3)]
+    expected = sl.curvature.hessian_diagonal(model, batches, chunk_size=8)
+    H = sl.curvature.loss_hessian(model, batches)
+    torch.testing.assert_close(torch.cat([v.reshape(-1) for v in expected.values()]), H.diagonal(),
+                               rtol=1e-4, atol=1e-6)
+    got = sl.curvature.hessian_diagonal(model, (b for b in batches), chunk_size=8)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    scores = sl.scores.get_method("obd").score(model, data=iter(batches))
+    assert all(torch.allclose(scores[n], 0.5 * expected[n] * w.detach() ** 2) for n, w in sl.prunable(model).items())
