@@ -442,13 +442,11 @@ def _split_by_layer(alive: torch.Tensor, w: torch.Tensor, params):
 def obs_memory_bytes(d: int) -> int:
     """Peak memory of the model-level "obs" on ``d`` prunable weights, in bytes: ``34 d^2``.
 
-    The float64 eigendecomposition ``H = V diag(l) V^T`` is the peak: the symmetrized Hessian (``8 d^2``), the
-    eigenvectors (``8 d^2``) and LAPACK's ``syevd`` workspace (``1 + 6d + 2d^2`` doubles, ``16 d^2``) live at once.
-    Building ``H`` in float32 (``8 d^2`` with its transpose) and the greedy downdates (inverse and its lazily
-    updated copy, ``16 d^2``) stay below it. Measured peak resident memory on Linux/glibc: ``32.8-33.4 d^2`` for
-    ``d`` = 2,700-4,200 (``33 d^2`` for d = 2,200 and 3,200 with large blocks mmapped); below ``d ~ 2,000``
-    (under 150 MB) heap fragmentation added up to ``43 d^2``. A Hessian passed by the caller comes on top. Before
-    the split the peak was ``37-38 d^2`` while the refusal quoted ``8 d^2``."""
+    The peak is the float64 eigendecomposition: the symmetrized Hessian (``8 d^2``), the eigenvectors (``8 d^2``)
+    and LAPACK's ``syevd`` workspace (``2d^2 + 6d + 1`` doubles) at once; building ``H`` and the greedy downdates
+    stay below it. Measured peak RSS (Linux, glibc): ``32.8-33.4 d^2`` for ``d`` = 2,700-4,200, up to ``43 d^2``
+    below ``d ~ 2,000`` (heap fragmentation, under 150 MB); before the split ``37-38 d^2``, when the refusal
+    quoted ``8 d^2``. A Hessian passed by the caller comes on top."""
     return 34 * int(d) ** 2
 
 
@@ -456,12 +454,9 @@ def _available_memory() -> Optional[int]:
     """``MemAvailable`` of ``/proc/meminfo`` in bytes (Linux), else ``None`` (not checked)."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
-    return None
 
 
 @register_pruner("obs", needs_data=True,
