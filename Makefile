@@ -3,7 +3,7 @@
 #   make book    set up .venv, execute every chapter fresh, build the HTML book, print the path of index.html
 #   make test    set up .venv, run the library tests and every chapter notebook (pytest + nbval)
 #   make lab     set up .venv, open JupyterLab on chapters/
-#   make bench   set up .venv, print the benchmark tables of sparsity_lib (masked training steps, chapters, OBC/SparseGPT)
+#   make bench   set up .venv, print the timing tables of sparsity_lib.bench (masked training steps, chapters, OBC/SparseGPT)
 #   make clean   remove the built book and caches (keeps .venv)
 #   make distclean   clean, and remove .venv too
 #
@@ -70,7 +70,6 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.bench
-	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.hessian_bench
 
 # --- cleaning ----------------------------------------------------------------------------------------------------
 clean:

@@ -1,6 +1,8 @@
-"""Plumbing shared by the data-driven score functions: batches, scoring mode, gradients, neuron broadcasting.
+"""Helpers shared by the data-driven score functions: scoring mode, gradients, neuron broadcasting.
 
-Private to :mod:`sparsity_lib.scores`; nothing here is a pruning criterion by itself.
+Private to :mod:`sparsity_lib.scores`; nothing here is a pruning criterion by itself. The general plumbing
+(calibration batches, eval mode, input capture, argument checks) lives in :mod:`sparsity_lib.plumbing` and is
+re-exported here under its old names (``batches``, ``batch_size``, ``model_device``, ``check_num_batches``).
 """
 
 from __future__ import annotations
@@ -13,69 +15,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..masks import _check_has_prunable, _original
+from ..plumbing import batch_size, batches, check_positive_int, eval_mode, model_device  # noqa: F401  (re-exported)
 
 
 def check_num_batches(num_batches, name: str = "num_batches") -> Optional[int]:
-    if num_batches is None:
-        return None
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"{name} must be a positive integer or None (all batches), got {num_batches!r}")
-    return int(num_batches)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def batches(data, model: nn.Module, num_batches: Optional[int] = None, need_targets: bool = False,
-            name: str = "data") -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """The calibration data as a list of ``(inputs, targets)`` pairs on the model's device.
-
-    ``data`` may be one batch (a *tuple* ``(inputs, targets)`` of two tensors), one tensor of inputs, or an
-    iterable (list, DataLoader) of either. ``num_batches`` keeps only the first batches. Targets may be ``None`` when ``need_targets`` is False.
-    """
-    num_batches = check_num_batches(num_batches)
-    if data is None:
-        raise ValueError(f"{name} is required: an iterable of (inputs, targets) batches (or one such batch)")
-    if isinstance(data, torch.Tensor):
-        items = [data]
-    elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        items = [tuple(data)]  # a single (inputs, targets) batch
-    else:
-        try:
-            iterator = iter(data)
-        except TypeError:
-            raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, got {type(data).__name__}") from None
-        items = []
-        for item in iterator:
-            items.append(item)
-            if num_batches is not None and len(items) >= num_batches:
-                break
-    if num_batches is not None:
-        items = items[:num_batches]
-    device = model_device(model)
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, torch.Tensor):
-            x, y = item, None
-        elif isinstance(item, (tuple, list)) and len(item) >= 1:
-            x, y = item[0], (item[1] if len(item) > 1 else None)
-        else:
-            raise TypeError(f"{name}: batch {i} must be (inputs, targets) or an input tensor, got {type(item).__name__}")
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: the inputs of batch {i} must be a torch.Tensor, got {type(x).__name__}")
-        if need_targets and y is None:
-            raise ValueError(f"{name}: batch {i} has no targets, and this score needs a loss: pass (inputs, targets)")
-        out.append((x.to(device), None if y is None else y.to(device)))
-    if not out:
-        raise ValueError(f"{name} is empty: pass at least one (inputs, targets) batch")
-    return out
-
-
-def batch_size(x: torch.Tensor) -> int:
-    return int(x.shape[0]) if x.dim() > 0 else 1
+    return check_positive_int(num_batches, name, allow_none=True, none_means="all batches")
 
 
 def weighted_average(values: Iterable[Tuple[float, torch.Tensor]]):
@@ -105,22 +49,19 @@ def scoring(model: nn.Module, with_biases: bool = False):
     survive as they are.
     """
     modules = _check_has_prunable(model)
-    training = {m: m.training for m in model.modules()}
     params = [_original(m) for m in modules.values()]
     if with_biases:
         params += [m.bias for m in modules.values() if isinstance(getattr(m, "bias", None), torch.Tensor)]
     requires = [p.requires_grad for p in params]
-    try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield modules
-    finally:
-        for p, r in zip(params, requires):
-            p.requires_grad_(r)
-        for m, t in training.items():
-            m.train(t)
+    with eval_mode(model):
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                yield modules
+        finally:
+            for p, r in zip(params, requires):
+                p.requires_grad_(r)
 
 
 def weight_params(modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:

@@ -1,17 +1,18 @@
-"""First-order criteria: Taylor, movement, Wanda (survey §3.4 "selection based on 1st order Taylor expansion";
+"""First-order criteria: Taylor, movement (survey §3.4 "selection based on 1st order Taylor expansion";
 §2.4.5 "sparsity for transfer learning and fine tuning").
 
 Removing a weight ``w_i`` is the perturbation ``delta w = -w_i e_i``; to first order the loss changes by
-``delta L ~ -g_i w_i`` (survey §3.4, ``delta L = grad L . delta w + ...``). Three ways of using that product:
+``delta L ~ -g_i w_i`` (survey §3.4, ``delta L = grad L . delta w + ...``). Two ways of using that product:
 
 * **Taylor** (Molchanov et al. {cite}`molchanov2019importance`): ``(g_i w_i)^2``, squared so that a weight whose
   removal would change the loss in *either* direction counts, averaged over mini-batches; for a neuron, the square
   of the *sum* over its weights ``(sum_{i in j} g_i w_i)^2``, the first-order estimate of removing the whole neuron;
 * **movement** (Sanh et al. {cite}`sanh2020movement`): ``-sum_t g_i^(t) w_i^(t)`` summed over the steps of
   fine-tuning: weights that move *towards zero* score low, weights that move away from zero score high, whatever
-  their magnitude;
-* **Wanda** (Sun et al. {cite}`sun2023simple`): ``|W_ij| * ||X_j||_2``, weight magnitude times the norm of the
-  input feature it multiplies, compared within each output row; no gradient and no weight update.
+  their magnitude.
+
+Wanda (Sun et al. {cite}`sun2023simple`), ``|W_ij| * ||X_j||_2``, lives in :mod:`sparsity_lib.layerwise`, beside
+OBC and SparseGPT: ``||X_j||^2 = H_jj / 2`` of the layer-wise Hessian, so it is their diagonal, update-free relative.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..masks import _check_has_prunable, _original
-from . import register, register_pruner
+from . import register
 from ._common import batches, broadcast_rows, check_loss_fn, effective_weights, scoring, weight_params
 
 
@@ -194,149 +195,8 @@ def movement(model: nn.Module, movement: Optional[MovementScore] = None) -> Dict
     return movement.scores()
 
 
-# -------------------------------------------------------------------------------------------------- Wanda
-def _conv_input_sq_norms(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Sum over examples and positions of the squared im2col columns of a Conv1d/Conv2d input: ``(in * k)``."""
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(-2)
-        kernel, stride, dilation = (1,) + module.kernel_size, (1,) + module.stride, (1,) + module.dilation
-        pad = tuple(module._reversed_padding_repeated_twice) + (0, 0)
-    else:
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        pad = tuple(module._reversed_padding_repeated_twice)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    if any(pad):
-        x = F.pad(x, pad, mode=mode)
-    cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (B, in * k, L)
-    return cols.double().pow(2).sum((0, 2))
+# Wanda moved to sparsity_lib.layerwise (beside OBC and SparseGPT, its family); re-exported here for
+# sparsity_lib.scores until the explicit catalogue lists it there.
+from ..layerwise import per_row_masks, wanda, wanda_input_norms, wanda_pruner  # noqa: E402,F401
 
-
-def wanda_input_norms(model: nn.Module, data, num_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """``||X_j||_2`` for every input feature j of every prunable layer, over all calibration samples:
-    ``{name: (fan_in,)}`` (for a convolution: ``(groups, in/groups * k1 * k2)``, the unfolded im2col columns).
-
-    The input statistic of Wanda {cite}`sun2023simple` (survey §3.3). Collected with forward pre-hooks on the layers; every example, token and output position is a sample.
-    Linear, Conv1d and Conv2d layers; Conv3d raises ValueError.
-    """
-    items = batches(data, model, num_batches)
-    modules = _check_has_prunable(model)
-    for n, m in modules.items():
-        if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            raise ValueError(f"wanda supports Linear, Conv1d and Conv2d layers; {n} is a {type(m).__name__}")
-    sq: Dict[str, torch.Tensor] = {}
-
-    def record(name, module, args):
-        x = args[0].detach()
-        if isinstance(module, nn.Linear):
-            s = x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
-        else:
-            s = _conv_input_sq_norms(module, x)
-        sq[name] = sq.get(name, 0) + s
-
-    with scoring(model) as modules, torch.no_grad():
-        handles = [m.register_forward_pre_hook(lambda mod, args, name=name: record(name, mod, args))
-                   for name, m in modules.items()]
-        try:
-            for x, _ in items:
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
-    missing = [n for n in modules if n not in sq]
-    if missing:
-        raise ValueError(f"layers {missing} were never called in the forward pass of the model")
-    out = {}
-    for n, m in modules.items():
-        norms = sq[n].sqrt().float()
-        if not isinstance(m, nn.Linear):
-            norms = norms.reshape(m.groups, -1)
-        out[n] = norms
-    return out
-
-
-def wanda(model: nn.Module, data, loss_fn=None, num_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """Wanda score (Sun et al. {cite}`sun2023simple`, eq. 1; survey §3.3-3.4)::
-
-        S_ij = |W_ij| * ||X_j||_2
-
-    ``X_j`` is input feature j of the layer over all calibration samples (``data``: inputs, targets are not
-    needed; ``loss_fn`` is ignored). For a convolution the weight is viewed as ``(out, in/groups * k1 * k2)`` and
-    ``X_j`` is column j of the unfolded (im2col) input. Returns ``{name: tensor}`` shaped like the weights. The
-    scores are meant to be compared *within each output row* (the registered method "wanda" does so).
-    Defined in Chapter 05.
-    """
-    norms = wanda_input_norms(model, data, num_batches)
-    modules = _check_has_prunable(model)
-    out = {}
-    for n, m in modules.items():
-        w = m.weight.detach()
-        rows = w.abs().reshape(w.shape[0], -1)
-        if isinstance(m, nn.Linear):
-            s = rows * norms[n].to(rows)[None, :]
-        else:
-            group_of_row = torch.arange(w.shape[0], device=w.device) // (w.shape[0] // m.groups)
-            s = rows * norms[n].to(rows)[group_of_row]
-        out[n] = s.reshape(w.shape)
-    return out
-
-
-def per_row_masks(scores: Dict[str, torch.Tensor], current: Dict[str, torch.Tensor],
-                  sparsities: Dict[str, float]) -> Dict[str, torch.Tensor]:
-    """Wanda's comparison group {cite}`sun2023simple`: in every output row i of layer l keep the weights with the
-    highest ``scores[l][i, :]`` so that ``round(s_l * fan_in)`` of the row are removed (weights already masked
-    count as removed)::
-
-        mask_ij = [ rank of S_ij within row i  >=  round(s_l * fan_in) ]   (rank 0 = lowest)
-
-    Layers missing from ``sparsities`` keep their mask. Survey §3.1 (structure of the selection)."""
-    masks = {}
-    for n, alive in current.items():
-        if n not in sparsities:
-            masks[n] = alive.clone()
-            continue
-        rows_a = alive.reshape(alive.shape[0], -1)
-        rows_s = scores[n].detach().double().reshape(rows_a.shape)
-        if torch.isnan(rows_s).any():
-            raise ValueError(f"scores[{n!r}] contains NaN")
-        remove = round(sparsities[n] * rows_a.shape[1])
-        ranked = torch.where(rows_a, rows_s, torch.full_like(rows_s, -float("inf")))
-        order = torch.sort(ranked, dim=1, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(rows_a.shape[1]).expand_as(order).contiguous())
-        masks[n] = ((rank >= remove) & rows_a).reshape(alive.shape)
-    return masks
-
-
-@register_pruner("wanda", needs_data=True, description="|W|*||X_j||, pruned within each output row (Sun et al. 2023)")
-def wanda_pruner(model: nn.Module, plan, data=None, loss_fn=None, per_row: bool = True,
-                 num_batches: Optional[int] = None):
-    """Wanda pruning (Sun et al. {cite}`sun2023simple`): score ``|W_ij| * ||X_j||_2`` (:func:`wanda`), then in
-    *every output row* remove the same fraction ``s_l`` of weights, the lowest-scoring ones. No weight update.
-
-    Layer sparsities ``s_l``: the budget of ``scope`` (``"layerwise"`` or a dict); under ``scope="global"`` every
-    layer gets the same sparsity (Wanda compares within rows, never across layers), chosen so that the overall
-    target is met when ``exclude`` holds layers back. Each row removes ``round(s_l * fan_in)`` weights, so the
-    overall sparsity can differ from the target by rounding. With ``per_row=False``, or a ``structure``
-    (N:M, as in the paper's 2:4 results, neurons or blocks), the Wanda scores go through the standard selection of
-    ``scope``/``structure`` instead. Returns ``(masks, None)``; the model is not changed.
-    """
-    if not isinstance(per_row, bool):
-        raise TypeError(f"per_row must be True or False, got {per_row!r}")
-    scores = wanda(model, data, num_batches=num_batches)
-    if not per_row or plan.structure is not None:  # N:M, neurons, blocks: the standard selection
-        return plan.select(scores), None
-    if plan.budget is not None:
-        sparsities = dict(plan.budget)
-    else:
-        names = [n for n in plan.current if n not in plan.exclude]
-        total = sum(m.numel() for m in plan.current.values())
-        held = sum(int((~plan.current[n]).sum()) for n in plan.exclude)
-        free = sum(plan.current[n].numel() for n in names)
-        uniform = (plan.sparsity * total - held) / free if free else 0.0
-        if uniform > 1.0 + 1e-12:
-            raise ValueError(f"sparsity={plan.sparsity} cannot be reached with the layers in exclude kept as they are")
-        sparsities = {n: min(max(uniform, 0.0), 1.0) for n in names}
-    return per_row_masks(scores, plan.current, sparsities), None
-
-
-__all__ = ["taylor", "taylor_per_neuron", "taylor_neuron", "MovementScore", "movement", "wanda", "wanda_input_norms",
-           "wanda_pruner", "per_row_masks"]
+__all__ = ["taylor", "taylor_per_neuron", "taylor_neuron", "MovementScore", "movement"]

@@ -1,4 +1,5 @@
-"""Benchmarks of sparsity_lib (a script that prints tables; never a test): ``python -m sparsity_lib.bench``.
+"""Timing of masked training steps and of the chapters (tables, never a test): ``python -m sparsity_lib.bench.masked_steps``
+(also part of ``python -m sparsity_lib.bench``, which prints every table of the package).
 
 1. **Cost of a mask during training.** The median time of one training step (forward, backward, SGD step with
    momentum; batch 64) of the chapters' models, for three variants of the same network:
@@ -35,9 +36,9 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 from torch.nn import functional as F
 
-from . import data, models
-from .masks import count_params, sparsity
-from .pruning import prune
+from .. import data, models
+from ..masks import count_params, sparsity
+from ..pruning import prune
 
 SPARSITY = 0.9
 BATCH_SIZE = 64
@@ -129,7 +130,7 @@ def chapter_table(folder: pathlib.Path, timeout: int = 600) -> str:
 
     lines = ["Chapters executed from scratch (nbclient, kernel python3).", "",
              "| notebook | wall time (s) | status |", "|---|---:|---|"]
-    env_path = str(pathlib.Path(__file__).resolve().parent.parent)
+    env_path = str(pathlib.Path(__file__).resolve().parent.parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (env_path, os.environ.get("PYTHONPATH", "")) if p)
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
@@ -160,22 +161,36 @@ def _threads(text: str) -> List[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sparsity_lib.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sparsity_lib.bench.masked_steps",
+                                     description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    print(header())
+    print_tables(args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of these tables (shared with ``python -m sparsity_lib.bench``)."""
     parser.add_argument("--steps", type=int, default=200, help="timed training steps per variant (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed warm-up steps (default 20)")
     parser.add_argument("--threads", type=_threads, default=[1, 2], help="torch thread counts, e.g. 1,2")
     parser.add_argument("--chapters", action=argparse.BooleanOptionalAction, default=True,
                         help="execute chapters/*.ipynb and time each one (default; --no-chapters skips them)")
     parser.add_argument("--chapters-dir", type=pathlib.Path,
-                        default=pathlib.Path(__file__).resolve().parent.parent / "chapters")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+                        default=pathlib.Path(__file__).resolve().parent.parent.parent / "chapters")
 
+
+def header() -> str:
+    """The machine line printed above the tables."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(f"# sparsity_lib benchmark\n\ntorch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {load[0]:.2f} "
-          f"(timings on a shared machine are noisy: compare the ratios)\n")
+    return (f"# sparsity_lib timings\n\ntorch {torch.__version__}, {os.cpu_count()} CPUs, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average {load[0]:.2f} "
+            f"(timings on a shared machine are noisy: compare the ratios)\n")
+
+
+def print_tables(args) -> None:
     print(step_table(args.steps, args.warmup, args.threads))
     if args.chapters:
         print()
