@@ -174,8 +174,8 @@ def agreed_prune(model: nn.Module, prefix: str, sync: str, prepare: Callable, co
     bad = diverging_layers(model)
     if bad:
         raise ValueError(
-            f"the masks of layers {[prefix + n for n in bad]} differ between ranks before pruning (ranks pruned on their own, e.g. "
-            f"sync=None or apply_masks with rank-dependent masks): the replicas are no longer one model. Call "
+            f"the masks of layers {[prefix + n for n in bad]} differ between ranks before pruning (ranks pruned on "
+            f"their own, e.g. sync=None or apply_masks with rank-dependent masks): the replicas are no longer one model. Call "
             f"sl.distributed.broadcast_masks(model) on every rank to adopt rank 0's masks. Nothing was changed."
         )
     masks = weights = None

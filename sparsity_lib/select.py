@@ -343,7 +343,9 @@ def global_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch
         gs, _, expand = views[n]
         masks[n] = expand(~removed[offset:offset + len(gs)]) & current[n]
         offset += len(gs)
-    if protected is not None and to_remove > 0 and bool(_choose_removed(all_scores, all_alive, to_remove)[protected].any()):
+    changed = protected is not None and to_remove > 0 and bool(
+        _choose_removed(all_scores, all_alive, to_remove)[protected].any())
+    if changed:
         reached = 1 - sum(int(m.sum()) for m in masks.values()) / total
         if round(reached * total) < round(sparsity * total) - (int(all_alive.max()) if len(all_alive) else 0):
             _warn_short(structure, {"all layers": (reached, sparsity)})
