@@ -95,8 +95,10 @@ def _items(data):
     """The batches of in-memory data (tensor, one (inputs, targets) tuple, list), or None for a loader."""
     if isinstance(data, torch.Tensor):
         return [data]
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return [data]
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data    # one batch: a tuple (inputs, targets), or a list [inputs, targets] with per-sample targets
+        if isinstance(data, tuple) or (1 <= y.dim() < x.dim() and x.shape[0] == y.shape[0]):
+            return [tuple(data)]
     if isinstance(data, (list, tuple)):
         return list(data)
     return None
