@@ -9,6 +9,8 @@
 #
 # Everything runs from a virtual environment in .venv that this Makefile creates and keeps up to date:
 # it is re-installed whenever requirements.txt or pyproject.toml change.
+#
+#   make setup TORCH_INDEX=cpu   opt-in: take torch from PyTorch's CPU wheel index (see TORCH_INDEX below)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -40,9 +42,21 @@ help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
 
 # --- set-up ------------------------------------------------------------------------------------------------------
+# Opt-in, off by default: where pip takes torch from. requirements.txt pins torch==2.13.0 exactly; on an ordinary
+# Linux x86-64 machine PyPI resolves that pin to the CUDA build, with gigabytes of nvidia-* packages. With
+# TORCH_INDEX=cpu the pinned torch alone (--no-deps) is installed first from PyTorch's CPU wheel index (the build
+# the book needs, a few hundred MB); requirements.txt (torch's own dependencies included, it is a full lock) then
+# comes from the usual index and finds torch already satisfied (2.13.0+cpu satisfies ==2.13.0). TORCH_INDEX may also be a full index URL (another wheel variant, a mirror).
+# Unset (the default) nothing changes: pip's own configuration (PIP_INDEX_URL, pip.conf, an offline wheelhouse)
+# decides, as before. Use it on a fresh .venv: `make distclean` first if torch is already installed.
+TORCH_INDEX ?=
+TORCH_INDEX_URL := $(if $(filter cpu,$(TORCH_INDEX)),https://download.pytorch.org/whl/cpu,$(TORCH_INDEX))
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+
 # The stamp lives inside .venv, so deleting .venv also forces a fresh install.
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || { echo "== creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
+	$(if $(TORCH_INDEX_URL),$(BIN)/pip install --no-deps --index-url $(TORCH_INDEX_URL) '$(TORCH_PIN)')
 	$(BIN)/pip install -r requirements.txt
 	@# The editable install below runs without build isolation, so the build backend must already be in the venv.
 	@# Python 3.11's venv ships setuptools but not `wheel`, which setuptools < 70.1 needs to build any wheel.

@@ -17,11 +17,24 @@ different fan-in under global selection.
 
 Selection is cumulative: weights already masked stay masked and count towards the target, so
 ``prune(model, 0.9)`` after ``prune(model, 0.5)`` ends at 90% sparsity, never below.
+
+Guards against silent wrong results (issue 10):
+
+* scores must be finite: NaN or inf in any layer raises ``ValueError`` naming the layer (N:M included);
+* scores that are all equal carry no ranking: when a selection would have to choose *some but not all* of a set of
+  candidates whose scores are all equal (all layers together under global scope, one layer under layer-wise scope
+  or N:M), the choice would silently follow storage order, so it raises ``ValueError`` instead (typical cause: a
+  data-driven score whose loss does not depend on the outputs, e.g. cross-entropy on a regression head);
+* a structured selection (neurons/channels, blocks) never empties a layer that still has a group alive, unless
+  ``allow_empty_layers=True``: the best group of each layer is kept. When that stops the target from being
+  reached, a ``UserWarning`` gives the sparsity actually reached (``sl.sparsity`` reports it too).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Dict, Mapping, Sequence, Tuple, Union
 
 import torch
@@ -31,8 +44,15 @@ Structure = Union[None, str, Tuple[int, int], Tuple[str, int, int]]
 
 # ----------------------------------------------------------------------------------------------- validation
 def check_sparsity(sparsity, name: str = "sparsity") -> float:
-    """Return ``sparsity`` as a float after checking it lies in [0, 1) (NaN and booleans are rejected)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    """Return ``sparsity`` as a float after checking it lies in [0, 1) (NaN and booleans are rejected).
+
+    Any real number is accepted, numpy scalars (``np.float32(0.5)``, ``np.linspace(...)[i]``) and one-element
+    tensors included."""
+    if not isinstance(sparsity, numbers.Number) and hasattr(sparsity, "item") and hasattr(sparsity, "dtype"):
+        size = sparsity.numel() if callable(getattr(sparsity, "numel", None)) else getattr(sparsity, "size", None)
+        if size == 1 and "bool" not in str(sparsity.dtype):
+            sparsity = sparsity.item()  # a one-element tensor or numpy array
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or type(sparsity).__name__ == "bool_":
         raise TypeError(f"{name} must be a number in [0, 1), got {sparsity!r}")
     sparsity = float(sparsity)
     if math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
@@ -129,13 +149,18 @@ def group_view(scores: torch.Tensor, alive: torch.Tensor, structure: Structure, 
     raise ValueError(f"group_view does not handle structure {structure!r}")
 
 
-def _choose_removed(group_scores: torch.Tensor, group_alive: torch.Tensor, to_remove: int) -> torch.Tensor:
+def _choose_removed(group_scores: torch.Tensor, group_alive: torch.Tensor, to_remove: int,
+                    protected=None) -> torch.Tensor:
     """Boolean vector of groups to remove: the lowest-scoring surviving groups whose sizes add up closest to
-    ``to_remove`` (exactly ``to_remove`` when every group is one weight)."""
+    ``to_remove`` (exactly ``to_remove`` when every group is one weight). Groups in ``protected`` (a boolean
+    vector, or ``None``) are never removed."""
     removed = torch.zeros_like(group_alive, dtype=torch.bool)
     if to_remove <= 0:
         return removed
-    candidates = torch.nonzero(group_alive > 0).reshape(-1)
+    eligible = group_alive > 0
+    if protected is not None:
+        eligible &= ~protected
+    candidates = torch.nonzero(eligible).reshape(-1)
     order = candidates[torch.sort(group_scores[candidates], stable=True).indices]
     sizes = torch.cumsum(group_alive[order], 0)
     idx = int(torch.searchsorted(sizes, torch.tensor([to_remove], dtype=sizes.dtype))[0])
@@ -149,20 +174,72 @@ def _choose_removed(group_scores: torch.Tensor, group_alive: torch.Tensor, to_re
     return removed
 
 
+def _best_group(group_scores: torch.Tensor, group_alive: torch.Tensor) -> torch.Tensor:
+    """Boolean vector marking the one surviving group a layer keeps when it may not be emptied: the group the
+    stable ascending order would remove last (highest score, the later one among ties), so that protecting it
+    changes nothing unless the layer would otherwise be emptied."""
+    out = torch.zeros_like(group_alive, dtype=torch.bool)
+    alive = torch.nonzero(group_alive > 0).reshape(-1)
+    if len(alive):
+        order = alive[torch.sort(group_scores[alive], stable=True).indices]
+        out[order[-1]] = True
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- selection
 def _check_scores(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]):
     for name, s in scores.items():
         if name not in current:
             raise ValueError(f"scores: unknown layer name {name!r}; prunable weights are {list(current)}")
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"scores[{name!r}] must be a torch.Tensor, got {type(s).__name__}")
         if tuple(s.shape) != tuple(current[name].shape):
             raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}, the weight has {tuple(current[name].shape)}")
-        if torch.isnan(s).any():
-            raise ValueError(f"scores[{name!r}] contains NaN: the scoring method failed on this layer")
+        finite = torch.isfinite(s.detach())
+        if not bool(finite.all()):
+            bad = s.detach()[~finite]
+            kind = "NaN" if bool(torch.isnan(bad).any()) else "inf"
+            raise ValueError(
+                f"scores[{name!r}] contains {int((~finite).sum())} non-finite values ({kind}): the scoring method "
+                f"failed on this layer (check the data, loss_fn and the weights for NaN/inf); nothing was changed"
+            )
+
+
+def _refuse_ties(group_scores: torch.Tensor, group_alive: torch.Tensor, to_remove: int, where: str,
+                 protected=None):
+    """Raise if removing ``to_remove`` weights must pick some, but not all, of candidates whose scores are all
+    equal: the choice would silently follow storage order."""
+    eligible = group_alive > 0
+    if protected is not None:
+        eligible &= ~protected
+    values = group_scores[eligible]
+    if to_remove <= 0 or values.numel() < 2 or to_remove >= int(group_alive[eligible].sum()):
+        return
+    if bool((values == values[0]).all()):
+        raise ValueError(
+            f"the scores of {where} are all equal ({float(values[0]):g}): they do not rank the weights, and the "
+            f"selection would silently follow storage order. Typical cause: a data-driven score whose loss does not "
+            f"depend on these weights (pass a loss_fn that fits the outputs, e.g. torch.nn.functional.mse_loss for a "
+            f"regression head). For a deliberately arbitrary choice use method='random'; to leave a layer as it "
+            f"is, exclude it. Nothing was changed."
+        )
+
+
+def _warn_short(structure, short: Dict[str, Tuple[float, float]]):
+    if short:
+        detail = ", ".join(f"{n}: {reached:.4f} instead of {target:.4f}" for n, (reached, target) in short.items())
+        warnings.warn(
+            f"structure={structure!r}: every layer keeps at least one group (allow_empty_layers=False), so the "
+            f"target was not reached ({detail}); pass allow_empty_layers=True to allow emptying layers",
+            UserWarning, stacklevel=3,
+        )
 
 
 def n_m_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], n: int, m: int):
     """N:M masks: in every run of ``m`` consecutive weights along the flattened input dimension keep the ``n``
-    with the highest score (weights already masked are removed first)."""
+    with the highest score (weights already masked are removed first). Non-finite scores, and a layer whose
+    surviving weights all have the same score, raise ``ValueError``."""
+    _check_scores(scores, current)
     masks = {}
     for name, s in scores.items():
         alive = current[name]
@@ -170,6 +247,11 @@ def n_m_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Te
         out, fan_in = rows_s.shape
         if fan_in % m:
             raise ValueError(f"structure ({n}, {m}): the input dimension of {name} ({fan_in}) is not a multiple of m={m}")
+        flat_a = alive.reshape(-1)
+        # weights to remove beyond the dead ones: alive minus the at most n kept per run of m
+        runs_alive = rows_a.reshape(out, fan_in // m, m).sum(-1)
+        extra = int((runs_alive - runs_alive.clamp(max=n)).sum())
+        _refuse_ties(s.detach().float().reshape(-1), flat_a.long(), extra, f"layer {name!r}")
         g = torch.where(rows_a, rows_s, torch.full_like(rows_s, -math.inf)).reshape(out, fan_in // m, m)
         top = torch.topk(g, n, dim=-1).indices
         keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, top, True)
@@ -177,17 +259,26 @@ def n_m_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Te
     return masks
 
 
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def layerwise_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor],
-                    sparsities: Mapping[str, float], structure: Structure = None) -> Dict[str, torch.Tensor]:
+                    sparsities: Mapping[str, float], structure: Structure = None,
+                    allow_empty_layers: bool = False) -> Dict[str, torch.Tensor]:
     """Each layer keeps its highest-scoring weights (or groups) so that its sparsity becomes ``sparsities[name]``.
 
     ``current`` holds the masks already on the model (all-True for none); layers missing from ``sparsities``
     keep their current mask. The number removed in a layer of ``p`` weights is ``round(s * p)``, as in
-    ``torch.nn.utils.prune``.
+    ``torch.nn.utils.prune``. With a structure (neurons, blocks) a layer keeps at least its best group unless
+    ``allow_empty_layers`` (then a ``UserWarning`` reports the sparsity reached when it falls short).
     """
     structure = check_structure(structure)
+    _check_flag(allow_empty_layers, "allow_empty_layers")
     _check_scores(scores, current)
-    masks = {}
+    masks, short = {}, {}
     for name, s in scores.items():
         if name not in sparsities:
             masks[name] = current[name].clone()
@@ -196,20 +287,33 @@ def layerwise_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, to
         target_removed = round(sparsities[name] * alive.numel())
         to_remove = target_removed - int((~alive).sum())
         gs, ga, expand = group_view(s, alive, structure, name)
-        removed = _choose_removed(gs, ga, to_remove)
+        protected = None if structure is None or allow_empty_layers else _best_group(gs, ga)
+        _refuse_ties(gs, ga, to_remove, f"layer {name!r}")
+        removed = _choose_removed(gs, ga, to_remove, protected)
         masks[name] = expand(~removed) & alive
+        if protected is not None and bool(protected.any()) and to_remove > 0:
+            reached = 1 - int(masks[name].sum()) / alive.numel()
+            wanted = target_removed / alive.numel()
+            unprotected = _choose_removed(gs, ga, to_remove)
+            if bool(unprotected[protected].any()):   # the protection changed the outcome
+                short[name] = (reached, wanted)
+    _warn_short(structure, short)
     return masks
 
 
 def global_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], sparsity: float,
-                 structure: Structure = None, exclude: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+                 structure: Structure = None, exclude: Sequence[str] = (),
+                 allow_empty_layers: bool = False) -> Dict[str, torch.Tensor]:
     """Rank the weights (or groups) of all layers together and remove the lowest-scoring ones until
     ``round(sparsity * total)`` of all prunable weights are zero.
 
     Layers in ``exclude`` keep their current masks but still count in the total, so ``sparsity`` is always the
-    fraction of *all* prunable weights removed.
+    fraction of *all* prunable weights removed. With a structure (neurons, blocks) every layer keeps at least its
+    best group unless ``allow_empty_layers``; if the target then cannot be reached, as much as possible is removed
+    and a ``UserWarning`` reports the sparsity reached.
     """
     structure = check_structure(structure)
+    _check_flag(allow_empty_layers, "allow_empty_layers")
     _check_scores(scores, current)
     names = [n for n in scores if n not in set(exclude)]
     total = sum(current[n].numel() for n in current)
@@ -226,7 +330,11 @@ def global_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch
         return {n: current[n].clone() for n in current}
     all_scores = torch.cat([views[n][0] for n in names])
     all_alive = torch.cat([views[n][1] for n in names])
-    removed = _choose_removed(all_scores, all_alive, to_remove)
+    protected = None
+    if structure is not None and not allow_empty_layers:
+        protected = torch.cat([_best_group(views[n][0], views[n][1]) for n in names])
+    _refuse_ties(all_scores, all_alive, to_remove, "all layers (global scope)")
+    removed = _choose_removed(all_scores, all_alive, to_remove, protected)
     masks, offset = {}, 0
     for n in current:
         if n not in views:
@@ -235,6 +343,12 @@ def global_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch
         gs, _, expand = views[n]
         masks[n] = expand(~removed[offset:offset + len(gs)]) & current[n]
         offset += len(gs)
+    changed = protected is not None and to_remove > 0 and bool(
+        _choose_removed(all_scores, all_alive, to_remove)[protected].any())
+    if changed:
+        reached = 1 - sum(int(m.sum()) for m in masks.values()) / total
+        if round(reached * total) < round(sparsity * total) - (int(all_alive.max()) if len(all_alive) else 0):
+            _warn_short(structure, {"all layers": (reached, sparsity)})
     return masks
 
 
