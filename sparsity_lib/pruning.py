@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from . import distributed as _dist
 from . import scores as _scores
-from .masks import apply_masks, get_masks, set_weights, validate_masks
+from .masks import apply_masks, check_maskable, get_masks, set_weights, validate_masks
 from .select import (check_budget, check_sparsity, check_structure, global_masks, is_n_m, layerwise_masks,
                      n_m_masks)
 
@@ -315,6 +315,8 @@ def _prepare(model, inner, prefix, *, sparsity, method, scope, structure, data, 
     scope_kind, budget = _check_scope(scope, names, sparsity)
     if budget is not None:
         budget = {n: s for n, s in budget.items() if n not in exclude}
+    # refuse layers that cannot carry a mask (someone else's weight transform, a tied weight) before any scoring
+    check_maskable(inner, [n for n in names if n not in exclude and (budget is None or budget.get(n, 0) > 0)])
     if is_n_m(structure):
         n, m = structure
         if abs(sparsity - (1 - n / m)) > 1e-9:

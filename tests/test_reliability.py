@@ -368,3 +368,21 @@ def test_input_hook_methods_work_on_out_proj(method):
     sl.prune(model, 0.5, method, scope="layerwise", data=data)
     out_proj = model.layers[0].self_attn.out_proj.weight
     assert float((out_proj == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+# ------------------------------------------------------------------ foreign transforms refused before scoring
+@pytest.mark.parametrize("method", ["magnitude", "snip", "obd"])
+def test_prune_refuses_a_weight_norm_layer_before_scoring(method):
+    """A layer under someone else's weight transform is refused by sl.prune up front, naming the layer, whatever the
+    method (a data-driven one used to fail inside scoring with a message that could not name it)."""
+    model = classifier()
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    data = class_data()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"0\.weight"):
+        sl.prune(model, 0.5, method=method, data=data if method != "magnitude" else None)
+    assert_unchanged(before, model)
+    # leaving the layer out is the way through, and the others are pruned
+    sl.prune(model, 0.5, method=method, scope="layerwise", exclude=["0.weight"],
+             data=data if method != "magnitude" else None)
+    assert sl.get_masks(model)["2.weight"].float().mean().item() == pytest.approx(0.5, abs=0.02)
