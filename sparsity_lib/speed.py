@@ -8,8 +8,9 @@ Three tools, used by Chapter 13 and by ``make bench`` (``python -m sparsity_lib.
   too). Each timed block repeats the call until it lasts about ``target`` seconds, so even microsecond calls are
   measured above the clock's resolution.
 * :func:`measure_roofline`: the roofline of this machine (Williams et al. {cite}`williams2009roofline`), from two
-  micro-benchmarks: the achievable multiply-add rate :math:`\\pi` (a large dense matrix product) and the memory
-  bandwidth :math:`\\beta` (a STREAM-style copy of an array far larger than the caches). A kernel that performs
+  micro-benchmarks: the achievable multiply-add rate :math:`\\pi` (a dense matrix product) and the memory
+  bandwidth :math:`\\beta` (STREAM-style copies of slices of an array far larger than the caches). A kernel
+  that performs
   :math:`M` multiply-adds and moves :math:`Q` bytes has arithmetic intensity :math:`I = M / Q` and can at best
   run at :math:`\\min(\\pi, \\beta I)` multiply-adds per second.
 * :func:`sweep` and :func:`bench_table`: a layer ``out x in`` at several sparsities, batch sizes and formats
@@ -159,7 +160,7 @@ def time_forward(models: Mapping[str, torch.nn.Module], inputs: torch.Tensor, **
 @dataclass
 class Roofline:
     """The measured roofline of this machine: ``macs_per_second`` (:math:`\\pi`, multiply-adds per second of a
-    large dense matrix product) and ``bytes_per_second`` (:math:`\\beta`, STREAM-style copy bandwidth), with the
+    dense matrix product) and ``bytes_per_second`` (:math:`\\beta`, STREAM-style copy bandwidth), with the
     ``threads`` they were measured with."""
 
     macs_per_second: float
@@ -179,32 +180,44 @@ class Roofline:
         return np.minimum(self.macs_per_second, self.bytes_per_second * np.asarray(intensity, dtype=float))
 
 
-def measure_roofline(matrix_size: int = 512, copy_bytes: int = 64 * 2**20, repeats: int = 9,
-                     dtype: torch.dtype = torch.float32, device="cpu") -> Roofline:
+def measure_roofline(matrix_size: int = 256, buffer_bytes: int = 64 * 2**20, chunk_bytes: int = 2**20,
+                     repeats: int = 15, dtype: torch.dtype = torch.float32, device="cpu") -> Roofline:
     """Measure :math:`\\pi` and :math:`\\beta` with two micro-benchmarks (min of ``repeats``, interleaved).
 
     * :math:`\\pi`: ``A @ B`` for two ``matrix_size`` square matrices: :math:`n^3` multiply-adds;
-    * :math:`\\beta`: ``dst.copy_(src)`` of ``copy_bytes`` bytes (default 128 MiB, far beyond the caches),
-      counted as :math:`2 \\times` ``copy_bytes`` moved (one read, one write), as STREAM's *copy* counts.
+    * :math:`\\beta`: copies of ``chunk_bytes`` slices of a ``buffer_bytes`` array into another, slice after
+      slice, counted as :math:`2 \\times` ``chunk_bytes`` moved per copy (one read, one write), as STREAM's *copy*
+      counts. With a buffer of twice the last-level cache or more, no slice is still cached when its turn comes:
+      this is the bandwidth of main memory. With ``chunk_bytes == buffer_bytes`` small enough to stay in a
+      cache, it is that cache's bandwidth.
 
-    Short blocks and many rounds: on a machine shared with other processes, a block that straddles another
-    process's time slice runs several times slower, and the minimum over rounds keeps the undisturbed ones.
-
-    Uses torch's current thread count (``threads`` records it). Allocates ``2 * copy_bytes``.
+    Both are short operations repeated many times, because on a machine shared with other processes a long
+    operation is almost always interrupted (and runs several times slower), while the minimum over many short
+    rounds keeps the undisturbed ones. Uses torch's current thread count (``threads`` records it); allocates
+    ``2 * buffer_bytes``.
     """
     n = int(matrix_size)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    count = max(1, int(copy_bytes) // torch.empty((), dtype=dtype).element_size())
-    src = torch.randn(count, dtype=dtype, device=device)
+    size = torch.empty((), dtype=dtype).element_size()
+    chunk = max(1, int(chunk_bytes) // size)
+    chunks = max(1, int(buffer_bytes) // size // chunk)
+    src = torch.randn(chunks * chunk, dtype=dtype, device=device)
     dst = torch.empty_like(src)
+    position = [0]
+
+    def copy_next_chunk():
+        i = position[0]
+        position[0] = (i + 1) % chunks
+        dst[i * chunk:(i + 1) * chunk].copy_(src[i * chunk:(i + 1) * chunk])
+
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
-    t = time_variants({"matmul": lambda: torch.mm(a, b), "copy": lambda: dst.copy_(src)}, repeats=repeats,
-                      target=0.0, warmup=1, synchronize=sync)
+    t = time_variants({"matmul": lambda: torch.mm(a, b), "copy": copy_next_chunk}, repeats=repeats,
+                      synchronize=sync)
     macs = n ** 3 / t["matmul"].best
-    moved = 2 * src.numel() * src.element_size()
+    moved = 2 * chunk * size
     return Roofline(macs_per_second=macs, bytes_per_second=moved / t["copy"].best, threads=torch.get_num_threads(),
-                    details={"matrix_size": n, "copy_bytes": src.numel() * src.element_size(),
+                    details={"matrix_size": n, "buffer_bytes": chunks * chunk * size, "chunk_bytes": chunk * size,
                              "matmul_seconds": t["matmul"].best, "copy_seconds": t["copy"].best})
 
 
@@ -454,7 +467,7 @@ def bench_table(shapes: Sequence[Tuple[int, int]] = SHAPES, sparsities: Sequence
                f"gets an unstructured mask, BSR a mask of random blocks, compacted rows a mask of whole rows; "
                f"indices are int32.", "",
                f"Measured roofline: {roof.macs_per_second / 1e9:.1f} GMAC/s (dense {roof.details['matrix_size']}^3 "
-               f"product), {roof.bytes_per_second / 1e9:.1f} GB/s (copy), ridge at {roof.ridge:.2f} MAC/byte.", ""]
+               f"product), {roof.bytes_per_second / 1e9:.1f} GB/s (copy from memory), ridge at {roof.ridge:.2f} MAC/byte.", ""]
         records = []
         for shape in shapes:
             part = sweep(shape, sparsities, batches, formats, repeats=repeats)

@@ -62,10 +62,11 @@ def test_roofline_arithmetic_and_measurement():
     roof = speed.Roofline(macs_per_second=1e10, bytes_per_second=2e9, threads=1)
     assert roof.ridge == pytest.approx(5.0)
     assert list(roof.attainable([1.0, 5.0, 100.0])) == pytest.approx([2e9, 1e10, 1e10])
-    measured = speed.measure_roofline(matrix_size=64, copy_bytes=2**20, repeats=2)
+    measured = speed.measure_roofline(matrix_size=64, buffer_bytes=2**20, chunk_bytes=2**16, repeats=2)
     assert math.isfinite(measured.macs_per_second) and measured.macs_per_second > 0
     assert math.isfinite(measured.bytes_per_second) and measured.bytes_per_second > 0
     assert measured.threads == torch.get_num_threads() and measured.details["matrix_size"] == 64
+    assert measured.details["buffer_bytes"] == 2**20 and measured.details["chunk_bytes"] == 2**16
 
 
 @pytest.mark.parametrize("structure, unit", [(None, 1), ("rows", 24), (("block", 4, 8), 32)])
