@@ -295,11 +295,9 @@ def _baked_layers(model: nn.Module) -> Dict[str, nn.Module]:
         with torch.no_grad():
             out = {}
             for name, module in _prunable_modules(model).items():
-                weight = module.weight.detach().clone()
-                weight.requires_grad_(parametrize.is_parametrized(module, "weight")
-                                      and module.parametrizations["weight"].original.requires_grad
-                                      or (not parametrize.is_parametrized(module, "weight")
-                                          and module.weight.requires_grad))
+                stored = (module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight")
+                          else module.weight)
+                weight = module.weight.detach().clone().requires_grad_(stored.requires_grad)
                 out[name[: -len(".weight")] if name.endswith(".weight") else ""] = (module, weight)
     finally:
         for m, t in was_training.items():
