@@ -378,12 +378,17 @@ def break_even(records: Sequence[dict], fmt: str, batch: int, shape=None) -> Opt
 
 
 # ------------------------------------------------------------------------------------------------- tables
+def _format_order(fmt: str) -> float:
+    """dense, CSR, BSR by block size, compacted rows."""
+    fixed = {"dense": 0.0, "csr": 1.0, "rows": 3.0}
+    return fixed[fmt] if fmt in fixed else 2.0 + _block_of(fmt) / 1e6
+
+
 def records_table(records: Sequence[dict]) -> str:
     """A markdown table of :func:`sweep` records: time, measured and ideal speed-up, storage (KiB)."""
     lines = ["| layer | batch | format | sparsity | time (us) | speed-up | ideal 1/(1-s) | of ideal | storage (KiB) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(records, key=lambda r: (r["shape"], r["batch"], list(_FORMAT_LABELS).index(r["format"])
-                                            if r["format"] in _FORMAT_LABELS else 99, r["sparsity"])):
+    for r in sorted(records, key=lambda r: (r["shape"], r["batch"], _format_order(r["format"]), r["sparsity"])):
         rows, cols = r["shape"]
         lines.append(f"| {rows}x{cols} | {r['batch']} | {format_label(r['format'])} | {100 * r['sparsity']:.1f}% | "
                      f"{1e6 * r['seconds']:.1f} | {r['speedup']:.2f} | {r['ideal']:.1f} | "
