@@ -2,7 +2,8 @@
 
 Options are those of :mod:`sparsity_lib.bench.masked_steps` (``--steps``, ``--warmup``, ``--threads``,
 ``--no-chapters``) and of :mod:`sparsity_lib.bench.layerwise` prefixed with ``layer-`` (``--layer-rows``,
-``--layer-naive``, ...); ``--no-layerwise`` skips the layer-wise table.
+``--layer-naive``, ...); ``--no-layerwise`` skips the layer-wise table and ``--no-sparse-kernels`` the sparse-product table of
+:mod:`sparsity_lib.speed` (chapter 13).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 from typing import Sequence
 
 from . import layerwise, masked_steps
+from .. import speed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -19,6 +21,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     layerwise.add_arguments(parser, prefix="layer-")
     parser.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=True,
                         help="time the layer-wise solvers (default; --no-layerwise skips them)")
+    parser.add_argument("--sparse-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="time dense vs CSR/BSR/compacted layer products (chapter 13; default; "
+                             "--no-sparse-kernels skips them)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -27,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.layerwise:
         print()
         layerwise.print_table(args, prefix="layer-")
+    if args.sparse_kernels:
+        print()
+        print(speed.bench_table(threads=1))
 
 
 if __name__ == "__main__":
