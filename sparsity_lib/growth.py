@@ -504,9 +504,11 @@ class DeepR(DynamicSparsity):
         for name in self.updated:
             mask, w = masks[name], params[name].detach()
             aligned = self.signs[name] * w
-            count = int((mask & (aligned < 0)).sum())
+            flipped = mask & (aligned < 0)
+            count = int(flipped.sum())
             if count:
                 grow = torch.rand(mask.shape, generator=self.generator).to(mask.device)
+                grow[flipped] = -math.inf        # a flipped connection goes dormant: re-activate others
                 out[name] = drop_and_grow(mask, aligned, grow, count)
         return out
 
