@@ -16,17 +16,18 @@ drop fraction annealed by the cosine schedule of Evci et al. {cite}`evci2020rigg
 
 The methods differ only where their papers differ (as in ``google-research/rigl``):
 
-========== ============================= ================================================ ====================
-class      drop score :math:`d`          grow score :math:`g`                             counts per layer
-========== ============================= ================================================ ====================
-Static     (never updates)               —                                                fixed
-SET        :math:`|w|`                   random (Mocanu et al. {cite}`mocanu2018scalable`) constant
-RigL       :math:`|w|`                   :math:`|\\partial L / \\partial w|`, dense         constant
-DeepR      :math:`s \\cdot w` (sign kept) random (Bellec et al. {cite}`bellec2018deep`)     constant
-SNFS       :math:`|w|`                   :math:`|\\text{momentum of } \\nabla L|`           redistributed by momentum
-DSR        :math:`|w|` vs global H       random (Mostafa & Wang {cite}`mostafa2019parameter`) redistributed by survivors
-TopKAST    top-k :math:`|\\theta|`         top-k :math:`|\\theta|`, backward set trained    constant
-========== ============================= ================================================ ====================
+* :class:`Static`: never updates (the baseline: sparse training with a fixed random mask, §2.4.3);
+* :class:`SET` (Mocanu et al. {cite}`mocanu2018scalable`): drop :math:`|w|`, grow at random; counts per layer fixed;
+* :class:`RigL` (Evci et al. {cite}`evci2020rigging`): drop :math:`|w|`, grow by :math:`|\\partial L/\\partial w|` of
+  the *dense* gradient; counts per layer fixed;
+* :class:`DeepR` (Bellec et al. {cite}`bellec2018deep`): fixed signs, drop the weights whose sign flipped, grow at
+  random; counts per layer fixed;
+* :class:`SNFS` (Dettmers & Zettlemoyer {cite}`dettmers2019sparse`): drop :math:`|w|`, grow by the momentum of the
+  dense gradient; regrowth *redistributed* across layers by mean momentum (total fixed);
+* :class:`DSR` (Mostafa & Wang {cite}`mostafa2019parameter`): drop below an adaptive global threshold, grow at
+  random, redistributed in proportion to each layer's surviving weights (total fixed);
+* :class:`TopKAST` (Jayakumar et al. {cite}`jayakumar2020top`): forward set = top-k :math:`|\\theta|`, a larger
+  backward set is trained too; counts per layer fixed.
 
 Rhythm (as ``torch.ao.pruning`` sparsifiers): construct on the *dense* model and its optimizer (construction
 applies the initial random sparse mask), then call ``step()`` once per training step **after**
@@ -205,6 +206,10 @@ class DynamicSparsity:
     that was active at some update, the in-time over-parameterization of Liu et al. {cite}`liu2021sparse`),
     ``history`` (one dict per update: step, fraction, dropped, grown, per-layer active counts).
     Every argument is checked before the model changes.
+
+    Under ``DistributedDataParallel`` a user does nothing special: construct it with the same arguments on every
+    rank (the default ``seed`` is the same everywhere), on the DDP model or its ``module``; dense gradients are
+    averaged over the ranks here and random draws come from the shared generator, so all ranks hold the same mask.
     """
 
     needs_dense_gradient = False   # RigL (on update steps), SNFS and Top-KAST (every step)
@@ -625,7 +630,8 @@ class TopKAST(DynamicSparsity):
     ``backward_sparsity`` (< ``sparsity``; default: twice the forward density, capped at dense) sizes :math:`B`.
     The initial :math:`A` is the top-:math:`D` of :math:`|\\theta_0|` (the paper), not a random mask. Stored
     values outside :math:`A` are :math:`\\theta` (not zero); the weights the layer *uses* are zero there. The
-    optimizer state is reset only for weights entering :math:`B` from outside (the others trained all along)."""
+    optimizer state is reset only for weights entering :math:`B` from outside (the others trained all along).
+    The optimizer's own ``weight_decay`` acts on every stored value, outside :math:`B` too: use ``l2`` instead."""
 
     needs_dense_gradient = True
 
@@ -723,6 +729,7 @@ class TopKAST(DynamicSparsity):
         self.backward = {n: m.clone() for n, m in extra["backward"].items()}
 
 
+#: The methods by short name (``sl.growth.METHODS["rigl"]`` is :class:`RigL`), as :func:`train_sparse` takes them.
 METHODS = {"static": Static, "set": SET, "rigl": RigL, "deepr": DeepR, "snfs": SNFS, "dsr": DSR, "topkast": TopKAST}
 
 
@@ -871,3 +878,7 @@ def dst_step_benchmark(steps: int = 50, warmup: int = 5, sparsity: float = 0.9, 
     base = statistics.median(times["static mask"])
     return [{"method": label, "ms": 1e3 * statistics.median(t), "vs static": statistics.median(t) / base}
             for label, t in times.items()]
+
+
+__all__ = ["DynamicSparsity", "Static", "SET", "RigL", "DeepR", "SNFS", "DSR", "TopKAST", "METHODS", "cosine_fraction",
+           "apportion", "drop_then_grow", "train_sparse", "compare", "dst_step_benchmark", "DISTRIBUTIONS", "SCHEDULES"]
