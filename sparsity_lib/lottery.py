@@ -24,10 +24,11 @@ The pieces:
 * the controls: :func:`reinitialize` (same mask, new random values) and :func:`shuffle_masks` (random
   pruning with the same per-layer counts; :func:`mask_budget` gives those counts as a ``{name: sparsity}``
   budget for ``sl.prune``);
-* :func:`edge_popup` (Ramanujan et al. {cite}`ramanujan2020whats`): a supermask learned over frozen random
-  weights, also registered as the pruning method ``"edgepopup"``; :func:`signed_constant_init` sets the
-  signed Kaiming constant weights of that paper (Zhou et al. {cite}`zhou2019deconstructing` found that the
-  signs of the initial weights carry most of a ticket).
+* :func:`edge_popup` (Ramanujan et al. {cite}`ramanujan2020whats`): a supermask (:class:`TopKSupermask`, a
+  mask by the library's mask protocol) learned over frozen random weights, also registered as the pruning
+  method ``"edgepopup"``; :func:`signed_constant_init` sets the signed Kaiming constant weights of that paper
+  (Zhou et al. {cite}`zhou2019deconstructing` found that the signs of the initial weights carry most of a
+  ticket).
 """
 
 from __future__ import annotations
@@ -511,13 +512,30 @@ def signed_constant_init(model: nn.Module, scale_fan: bool = False) -> nn.Module
     return model
 
 
-class _TopKSupermask(nn.Module):
-    """Parametrization ``w -> w * h(|scores|)`` with ``h`` the top-``keep`` indicator of the layer and a
-    straight-through gradient :math:`\\partial L / \\partial s = \\partial L / \\partial h \\cdot
-    \\operatorname{sign}(s)`."""
+class TopKSupermask(nn.Module):
+    """Edge-popup's supermask as a weight parametrization: ``w -> w * h(|s|)``, with ``h`` the indicator of the
+    ``keep`` largest :math:`|s|` of the layer among the ``alive`` positions, and a straight-through gradient
+
+    .. math::  \\frac{\\partial L}{\\partial s} = \\frac{\\partial L}{\\partial h}
+               \\operatorname{sign}(s) = \\frac{\\partial L}{\\partial \\tilde w} \\odot w \\odot
+               \\operatorname{sign}(s) .
+
+    The scores ``s`` are an ``nn.Parameter`` of the weight's shape (the only tensor edge-popup trains), ``alive``
+    a bool tensor of positions that may be kept (masked ones stay out) and ``keep`` the number of weights kept
+    (ties broken by ``torch.topk``). ``hard_mask()`` returns the current top-k: this makes it a mask for the
+    library (the mask protocol of :mod:`sparsity_lib.masks`), so ``sl.get_masks``, ``sl.sparsity``,
+    ``sl.sparsity_report`` and ``sl.remove_masks`` read it like a fixed mask. Register it with
+    ``torch.nn.utils.parametrize.register_parametrization(layer, "weight", TopKSupermask(...), unsafe=True)``.
+    Ramanujan et al. {cite}`ramanujan2020whats`; survey §8.3.1. Defined in Chapter 10.
+    """
 
     def __init__(self, scores: torch.Tensor, alive: torch.Tensor, keep: int):
         super().__init__()
+        if not isinstance(alive, torch.Tensor) or alive.dtype != torch.bool or alive.shape != scores.shape:
+            raise ValueError(f"alive must be a bool tensor of the scores' shape {tuple(scores.shape)}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= int(alive.sum()):
+            raise ValueError(f"keep must be an integer in [0, {int(alive.sum())}] (the alive positions), "
+                             f"got {keep!r}")
         self.scores = nn.Parameter(scores)
         self.register_buffer("alive", alive.clone())
         self.keep = keep
@@ -530,6 +548,12 @@ class _TopKSupermask(nn.Module):
         a = self.scores.abs()
         hard = self.hard_mask().to(weight.dtype)
         return weight * (hard + (a - a.detach()))  # value: the 0/1 mask; gradient: straight through to |s|
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.scores.shape)}, keep={self.keep}/{self.scores.numel()}"
+
+
+_TopKSupermask = TopKSupermask  # the name before it became public
 
 
 def _as_task(data) -> Task:
@@ -598,19 +622,15 @@ def edge_popup(model: nn.Module, data, sparsity: Union[float, Mapping[str, float
         scores = (torch.rand(weight.shape, generator=generator) * 2 - 1).mul_(bound).to(weight)
         alive = current[name].to(weight.device)
         keep = min(weight.numel() - round(budget[name] * weight.numel()), int(alive.sum()))
-        param = _TopKSupermask(scores, alive, keep)
+        param = TopKSupermask(scores, alive, keep)
         parametrize.register_parametrization(modules[name], "weight", param, unsafe=True)
         score_params.append(param.scores)
     optimizer = torch.optim.SGD(score_params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     fit(net, task, epochs=epochs, optimizer=optimizer, batch_size=batch_size, lr_schedule=lr_schedule, seed=seed,
         eval_every=epochs, progress=progress)
-    masks = {}
-    for name in names:
-        if name in budget:
-            masks[name] = modules[name].parametrizations["weight"][0].hard_mask().cpu() & current[name]
-        else:
-            masks[name] = current[name].clone()
-    return masks
+    learned = get_masks(net)  # the supermasks are masks by the protocol: their hard_mask() is the top-k
+    return {name: learned[name].cpu() & current[name] if name in budget else current[name].clone()
+            for name in names}
 
 
 @_scores.register_pruner("edgepopup", needs_data=True,
@@ -634,4 +654,4 @@ def edgepopup_pruner(model, plan, *, data=None, loss_fn=None, epochs: int = 10, 
 
 __all__ = ["capture", "Checkpoints", "rewind", "reinitialize", "mask_budget", "shuffle_masks", "density", "per_layer_rates",
            "round_target", "rate_for", "imp", "RETRAIN_STRATEGIES", "retrain_schedule", "retrain",
-           "signed_constant_init", "edge_popup", "edgepopup_pruner"]
+           "signed_constant_init", "TopKSupermask", "edge_popup", "edgepopup_pruner"]

@@ -21,8 +21,12 @@ A callback is either a plain function ``callback(state)``, called after every op
 with any of these methods (the others are skipped), each given the :class:`TrainState`:
 
 * ``on_train_begin(state)``: before the first step;
-* ``on_after_backward(state)``: after ``loss.backward()``, before ``optimizer.step()`` (gradients are in
-  ``.grad``; e.g. sparse gradients, or RigL's dense gradient);
+* ``on_after_backward(state)``: after ``loss.backward()``, before ``optimizer.step()``. The gradients the
+  optimizer will use are in ``.grad``: for a masked layer that is ``original.grad``, which is *zero* at pruned
+  positions (e.g. for sparse gradients). The dense gradient that RigL grows by, :math:`\\partial L / \\partial
+  (W \\odot M)` at every position, is not in ``.grad``: switch on the dense-gradient mode with
+  ``sl.masks.track_dense_gradients(model)`` before training and read it here with
+  ``sl.masks.dense_gradients(model)`` (the record of this step's forward and backward pass);
 * ``on_step_end(state)``: after the optimizer step and the learning-rate update (``state.step`` counts the
   steps done; gradual pruning and regrowth live here);
 * ``on_epoch_end(state)``: after each epoch and its evaluation (``state.history[-1]`` is the new entry);

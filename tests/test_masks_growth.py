@@ -54,11 +54,15 @@ def oracle_dense_gradients(model, x, y):
     return dict(zip(leaves, grads))
 
 
-def test_dense_gradient_equals_the_gradient_wrt_the_effective_weight(mlp):
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_dense_gradient_equals_the_gradient_wrt_the_effective_weight(net, request):
+    mlp = request.getfixturevalue(net)
     masks = random_masks(mlp)
     sl.apply_masks(mlp, masks)
     sl.track_dense_gradients(mlp)
     x, y = batch()
+    if net == "cnn":
+        x, y = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(0)), y[:8] % 4
     mlp.zero_grad()
     F.cross_entropy(mlp(x), y).backward()
     dense = sl.dense_gradients(mlp)
@@ -280,3 +284,261 @@ def test_reset_optimizer_state_refusals(mlp):
         sl.reset_optimizer_state(sgd, mlp, {"x.weight": where["0.weight"]})
     with pytest.raises(ValueError, match="shape"):
         sl.reset_optimizer_state(sgd, mlp, {"2.weight": where["0.weight"]})
+
+
+# ---------------------------------------------------------------------------------------- masks that learn
+class Gate(nn.Module):
+    """A learned gate defined here, not by the library: weight * sigmoid(logits), noisy while training,
+    with the hard mask logits > 0 (zero below)."""
+
+    def __init__(self, shape, seed=0):
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+
+    def hard_mask(self):
+        return self.logits.detach() > 0
+
+    def forward(self, weight):
+        gate = torch.sigmoid(self.logits) * (self.logits > 0)
+        if self.training:
+            gate = gate * (0.5 + torch.rand_like(gate)) + 0.01  # stochastic and never exactly zero
+        return weight * gate
+
+
+class Scale(nn.Module):
+    """A user's parametrization that is not a mask."""
+
+    def forward(self, weight):
+        return 2.0 * weight
+
+
+def test_a_custom_parametrization_with_hard_mask_is_a_mask(mlp):
+    parametrize.register_parametrization(mlp[2], "weight", Gate(mlp[2].weight.shape), unsafe=True)
+    gate = mlp[2].parametrizations.weight[0]
+    hard = gate.logits.detach() > 0
+    assert sl.masks.is_masked(mlp)
+    masks = sl.get_masks(mlp)
+    assert torch.equal(masks["2.weight"], hard) and masks["0.weight"].all() and masks["4.weight"].all()
+    mlp.train()
+    assert (sl.prunable(mlp)["2.weight"] != 0).all(), "in training mode the gate is noisy and never zero"
+    removed = int((~hard).sum())
+    assert sl.sparsity(mlp) == pytest.approx(removed / sl.masks.count_params(mlp)), "the hard mask is reported"
+    report = sl.sparsity_report(mlp)
+    assert report.loc["2.weight", "nonzeros"] == int(hard.sum()) and report.loc["0.weight", "nonzeros"] == 40 * 16
+    assert mlp.training and gate.training, "reading the sparsity restores the training mode"
+    # the library's own mask composes with it: the layer's mask is the AND
+    extra = random_masks(mlp, density=0.7)["2.weight"]
+    sl.apply_masks(mlp, {"2.weight": extra})
+    assert torch.equal(sl.get_masks(mlp)["2.weight"], hard & extra)
+    expected = mlp[2].parametrizations.weight.original.detach() * torch.sigmoid(gate.logits.detach()) * hard * extra
+    sl.remove_masks(mlp)
+    assert not parametrize.is_parametrized(mlp[2]) and isinstance(mlp[2].weight, nn.Parameter)
+    assert list(mlp.state_dict())[:4] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    torch.testing.assert_close(mlp[2].weight.detach(), expected, rtol=0, atol=0)
+
+
+def test_topk_supermask_is_public_and_a_mask():
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 6)
+    scores = torch.randn(6, 5)
+    alive = torch.rand(6, 5) < 0.8
+    param = sl.lottery.TopKSupermask(scores.clone(), alive, keep=10)
+    w = layer.weight.detach().clone()
+    parametrize.register_parametrization(layer, "weight", param, unsafe=True)
+    a = scores.abs().masked_fill(~alive, -float("inf"))
+    hard = sl.select.topk_mask(a, 10)
+    assert torch.equal(sl.get_masks(layer)["weight"], hard) and sl.sparsity(layer) == pytest.approx(1 - 10 / 30)
+    sl.remove_masks(layer)
+    assert torch.equal(layer.weight.detach(), w * hard)
+    with pytest.raises(ValueError, match="keep"):
+        sl.lottery.TopKSupermask(scores.clone(), alive, keep=int(alive.sum()) + 1)
+
+
+def test_remove_masks_keeps_a_users_parametrization_registered_after_the_mask(mlp):
+    masks = random_masks(mlp)
+    sl.apply_masks(mlp, masks)
+    spectral = torch.nn.utils.parametrizations.spectral_norm(mlp[2])
+    assert [type(p).__name__ for p in spectral.parametrizations.weight] == ["Mask", "_SpectralNorm"]
+    mlp.eval()
+    before = mlp[2].weight.detach().clone()
+    assert (before[~masks["2.weight"]] == 0).all() and sl.get_masks(mlp)["2.weight"].equal(masks["2.weight"])
+    sl.remove_masks(mlp)
+    assert not parametrize.is_parametrized(mlp[0])
+    assert [type(p).__name__ for p in mlp[2].parametrizations.weight] == ["_SpectralNorm"], "the user's stays"
+    torch.testing.assert_close(mlp[2].weight.detach(), before)
+    assert not sl.masks.is_masked(mlp)
+
+
+def test_remove_masks_refuses_a_mask_after_a_users_parametrization(mlp):
+    sl.apply_masks(mlp, random_masks(mlp))
+    parametrize.register_parametrization(mlp[4], "weight", Scale())
+    parametrize.register_parametrization(mlp[4], "weight", Gate(mlp[4].weight.shape), unsafe=True)
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="4.weight.*after a parametrization that is not a mask"):
+        sl.remove_masks(mlp)
+    assert_unchanged(mlp, before)
+
+
+# ----------------------------------------------- other people's parametrizations, hooks, tied weights, speed
+def _weight_norm_param(m):
+    torch.nn.utils.parametrizations.weight_norm(m[2])
+
+
+def _weight_norm_hook(m):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.nn.utils.weight_norm(m[2])
+
+
+def _spectral_norm_param(m):
+    torch.nn.utils.parametrizations.spectral_norm(m[2])
+
+
+def _spectral_norm_hook(m):
+    torch.nn.utils.spectral_norm(m[2])
+
+
+def _torch_prune(m):
+    torch.nn.utils.prune.l1_unstructured(m[2], "weight", 0.3)
+
+
+@pytest.mark.parametrize("setup", [_weight_norm_param, _weight_norm_hook, _spectral_norm_param,
+                                   _spectral_norm_hook, _torch_prune])
+def test_foreign_weight_transforms_are_refused_before_anything_changes(mlp, setup):
+    setup(mlp)
+    mlp.eval()  # spectral norm's power iteration would change its buffers in a training-mode forward
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="2.weight"):
+        sl.prune(mlp, 0.5, method="magnitude")
+    assert_unchanged(mlp, before)
+    with pytest.raises(ValueError, match="2.weight"):
+        sl.apply_masks(mlp, random_masks(mlp))
+    assert_unchanged(mlp, before)
+    sl.remove_masks(mlp)  # nothing of ours to remove: the user's transform stays
+    assert_unchanged(mlp, before)
+    masks = random_masks(mlp)
+    sl.apply_masks(mlp, {n: masks[n] for n in ["0.weight", "4.weight"]})  # the other layers compose
+    assert sl.get_masks(mlp)["4.weight"].equal(masks["4.weight"])
+
+
+def test_apply_masks_is_all_or_nothing_including_devices(mlp):
+    masks = random_masks(mlp)
+    masks["4.weight"] = torch.ones(sl.prunable(mlp)["4.weight"].shape, dtype=torch.bool, device="meta")
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="4.weight.*meta"):
+        sl.apply_masks(mlp, masks)
+    assert_unchanged(mlp, before)
+
+
+def test_tied_weights_are_refused_or_left_alone():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(10, 8)
+            self.hidden = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 10, bias=False)
+            self.out.weight = self.emb.weight  # tied input and output embeddings
+
+        def forward(self, tokens):
+            return self.out(torch.relu(self.hidden(self.emb(tokens))))
+
+    model = Tied()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="out.weight.*shared.*emb.weight"):
+        sl.prune(model, 0.5, method="magnitude")
+    assert_unchanged(model, before)
+    # leaving the tied layer out works, and the tied weight stays one tensor, dense and honestly reported
+    sl.prune(model, 0.5, method="magnitude", scope="layerwise", exclude=["out.weight"])
+    assert model.out.weight is model.emb.weight and not parametrize.is_parametrized(model.out)
+    assert sl.get_masks(model)["out.weight"].all()
+    assert sl.sparsity(model) == pytest.approx(32 / (64 + 80))
+
+
+def test_functional_call_with_dense_names_on_a_masked_model(mlp):
+    masks = random_masks(mlp)
+    sl.apply_masks(mlp, masks)
+    before = snapshot(mlp)
+    original = sl.trainable(mlp)["2.weight"]
+    x, y = batch()
+    t = torch.randn(24, 40, requires_grad=True)
+    given = {"2.weight": t}
+    out = functional_call(mlp, given, (x,))
+    assert given["2.weight"] is t, "functional_call reads back what it was given"
+    h = torch.relu(mlp[0](x))
+    expected = mlp[4](torch.relu(F.linear(h, t * masks["2.weight"], mlp[2].bias)))
+    torch.testing.assert_close(out, expected)
+    F.cross_entropy(out, y).backward()
+    assert t.grad is not None and (t.grad[~masks["2.weight"]] == 0).all() and t.grad.abs().sum() > 0
+    assert sl.trainable(mlp)["2.weight"] is original
+    assert_unchanged(mlp, before)
+    # torch.func transforms over the dense names
+    params = {n: w.detach() for n, w in sl.prunable(mlp).items()}
+    grads = torch.func.grad(lambda p: F.cross_entropy(functional_call(mlp, p, (x,)), y))(params)
+    expected = oracle_dense_gradients(mlp, x, y)
+    for n in grads:
+        torch.testing.assert_close(grads[n], expected[n] * masks[n], rtol=1e-5, atol=1e-7)
+    assert_unchanged(mlp, before)
+    with pytest.raises(RuntimeError, match="right_inverse"):  # a plain assignment keeps torch's behaviour
+        mlp[2].weight = torch.zeros(24, 40)
+
+
+def test_masked_forward_has_no_graph_breaks_and_frozen_inference_is_exact(mlp):
+    sl.apply_masks(mlp, random_masks(mlp))
+    x, _ = batch()
+    explanation = torch._dynamo.explain(mlp)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    expected = mlp(x)
+    with sl.masks.frozen(mlp) as model:
+        assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
+    masks = random_masks(mlp, seed=3)
+    sl.apply_masks(mlp, masks)  # the cache ended with the block: new masks are seen
+    with sl.masks.frozen(mlp):
+        out = mlp(x)
+    torch.testing.assert_close(out, mlp(x), rtol=0, atol=0)
+
+
+def test_a_rigl_update_inside_fit_keeps_sparsity_and_restarts_revived_weights(mlp):
+    """The pieces together, as the callback documentation of train.py describes: dense gradient after backward,
+    drop-and-grow, replace_masks, reset_optimizer_state; sparsity is constant and revived weights restart at 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 16, generator=g)
+    task = sl.data.Task(name="toy", x_train=x, y_train=x[:, :5].argmax(1), x_test=x[:32],
+                        y_test=x[:32, :5].argmax(1), num_classes=5)
+    sl.prune(mlp, 0.8, method="magnitude", scope="layerwise")
+    sl.track_dense_gradients(mlp)
+    target = sl.sparsity(mlp)
+    seen = []
+
+    class RigL:
+        def on_after_backward(self, state):
+            if state.step % 2:
+                return
+            grads = sl.dense_gradients(state.model)
+            masks, weights = sl.get_masks(state.model), sl.prunable(state.model)
+            new = {n: drop_and_grow(masks[n], weights[n].detach().abs(), grads[n].abs(), int(masks[n].sum()) // 5)
+                   for n in grads}
+            revived = sl.replace_masks(state.model, new)
+            sl.reset_optimizer_state(state.optimizer, state.model, revived)
+            params = sl.trainable(state.model)
+            for n, where in revived.items():
+                assert (params[n].detach()[where] == 0).all()
+                assert (params[n].grad[~new[n]] == 0).all(), "the gradient the step applies is masked anew"
+                if params[n] in state.optimizer.state:
+                    assert (state.optimizer.state[params[n]]["momentum_buffer"][where] == 0).all()
+            seen.append(sum(int(w.sum()) for w in revived.values()))
+
+    sl.train.fit(mlp, task, epochs=2, batch_size=32, callbacks=[RigL()], progress=False)
+    assert sum(seen) > 0, "connections moved"
+    assert sl.sparsity(mlp) == pytest.approx(target)
+
+
+def test_check_maskable_names_the_layer_before_any_scoring(mlp):
+    sl.masks.check_maskable(mlp)
+    torch.nn.utils.parametrizations.weight_norm(mlp[4])
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="4.weight: cannot mask this layer.*weight_norm"):
+        sl.masks.check_maskable(mlp)
+    sl.masks.check_maskable(mlp, ["0.weight", "2.weight"])
+    assert_unchanged(mlp, before)
