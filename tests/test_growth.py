@@ -339,3 +339,32 @@ def test_other_refusals():
     sl.prune(model, 0.5)
     with pytest.raises(ValueError, match="already carries masks"):
         growth.RigL(model, opt, 0.9, end=10)
+
+
+# ----------------------------------------------------------------------------------------- experiment records
+def test_compare_records_costs_and_exploration():
+    task = sl.data.teacher_student(n_train=256, n_test=128, in_features=16, seed=0)
+    records = growth.compare(task, lambda seed: make(seed), ["static", "rigl", "snfs", "gmp"], [0.8], ["uniform"],
+                             seeds=[0], epochs=2, batch_size=32, update_every=2, optimizer="sgd", lr=0.05)
+    by = {r["method"]: r for r in records}
+    sizes = {n: w.numel() for n, w in sl.prunable(make()).items()}
+    for r in records:
+        assert len(r["curve"]) == 2 and len(r["iou"]) == len(r["explored"]) == 3 and r["iou"][-1] == 1.0
+        assert r["steps"] == 16 and r["end"] == 12
+        kept = sum(r["density"][n] * sizes[n] for n in sizes)
+        assert kept == pytest.approx(0.2 * sum(sizes.values()), abs=1)
+    assert by["static"]["cost"] == pytest.approx(0.2, abs=1e-3) and by["static"]["explored"][-1] == pytest.approx(0.2, abs=1e-3)
+    assert by["static"]["iou"] == [1.0, 1.0, 1.0] and by["static"]["updates"] == []
+    # RigL: 3 f_S per step plus one dense weight gradient (1 - f_S) on each of its 5 update steps, over 3 per step
+    assert by["rigl"]["cost"] == pytest.approx((16 * 3 * 0.2 + 5 * 0.8) / 3 / 16, abs=1e-3)
+    assert by["snfs"]["cost"] == pytest.approx((2 * 0.2 + 1.0) / 3, abs=1e-3)
+    assert 0.2 < by["gmp"]["cost"] < 1.0 and by["gmp"]["explored"][0] == 1.0     # dense at the start
+    assert by["rigl"]["explored"][-1] > 0.2 and len(by["rigl"]["updates"]) == 5
+    with pytest.raises(ValueError, match="method must be one of"):
+        growth.train_sparse("magic", task, make(), 0.8, epochs=1)
+
+
+def test_dst_step_benchmark_rows():
+    rows = growth.dst_step_benchmark(steps=2, warmup=1)
+    assert [r["method"] for r in rows][0] == "static mask" and rows[0]["vs static"] == 1.0
+    assert len(rows) == 5 and all(r["ms"] > 0 for r in rows)
