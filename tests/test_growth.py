@@ -368,3 +368,18 @@ def test_dst_step_benchmark_rows():
     rows = growth.dst_step_benchmark(steps=2, warmup=1)
     assert [r["method"] for r in rows][0] == "static mask" and rows[0]["vs static"] == 1.0
     assert len(rows) == 5 and all(r["ms"] > 0 for r in rows)
+
+
+def test_set_random_init_option_draws_grown_weights_like_the_default_init():
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = growth.SET(model, opt, 0.8, update_every=1, end=10, init="random")
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    before = sl.get_masks(model)
+    dst.step()
+    for n, p in sl.trainable(model).items():
+        grown = sl.get_masks(model)[n] & ~before[n]
+        values = p.detach()[grown]
+        bound = 1 / math.sqrt(p.shape[1])
+        assert grown.any() and (values != 0).all() and (values.abs() <= bound).all()
