@@ -14,12 +14,12 @@ Every method is a combination of the same parts: **score** (how important is eac
 from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .pruning import prune
-from . import compare, curvature, data, formats, layerwise, lottery, models, obs, plumbing, train, viz, widgets  # noqa: E402  (register methods)
+from . import catalogue, compare, curvature, data, experiments, formats, layerwise, lottery, models, obs, plumbing, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
-    "budgets", "compare", "config", "curvature", "data", "formats", "layerwise", "lottery", "models", "obs",
+    "budgets", "catalogue", "compare", "config", "curvature", "data", "experiments", "formats", "layerwise", "lottery", "models", "obs",
     "plumbing", "schedules", "scores", "select", "train", "viz", "widgets",
 ]
