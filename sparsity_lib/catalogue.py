@@ -126,15 +126,54 @@ class Entry:
                 "cite": self.cite, "where": self.target, "builtin": True, "available": available}
 
 
+def _forwarded(init, varkw: str):
+    """How ``init`` calls ``super().__init__``: ``(number of positional arguments, explicit keyword names)`` when
+    it passes its ``**varkw`` on, else ``None``."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "__init__"
+                and isinstance(node.func.value, ast.Call) and isinstance(node.func.value.func, ast.Name)
+                and node.func.value.func.id == "super"):
+            if any(k.arg is None and isinstance(k.value, ast.Name) and k.value.id == varkw for k in node.keywords):
+                return len(node.args), {k.arg for k in node.keywords if k.arg is not None}
+    return None
+
+
 def signature_options(fn) -> Dict[str, Any]:
-    """``{option: default}`` of a function or a class (its ``__init__``), as :meth:`Entry.options`."""
-    params = inspect.signature(fn).parameters
-    out = {}
-    for name, p in params.items():
-        if name in _INPUTS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if p.default is not p.empty or p.kind == p.KEYWORD_ONLY:
-            out[name] = "(required)" if p.default is p.empty else p.default
+    """``{option: default}`` of a function or a class (its ``__init__``), as :meth:`Entry.options`. For a class
+    whose ``__init__`` passes its ``**kwargs`` on to ``super().__init__``, the base class's options are included
+    (except those the call sets itself)."""
+    out: Dict[str, Any] = {}
+    if not inspect.isclass(fn):
+        chain = [(inspect.signature(fn), 0, set())]
+    else:
+        chain, skip_pos, skip_kw = [], 0, set()
+        for cls in fn.__mro__:
+            if cls is object or "__init__" not in vars(cls):
+                continue
+            init = vars(cls)["__init__"]
+            signature = inspect.signature(init)
+            chain.append((signature, skip_pos, skip_kw))
+            varkw = [n for n, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD]
+            forwarded = _forwarded(init, varkw[0]) if varkw else None
+            if forwarded is None:
+                break
+            skip_pos, skip_kw = forwarded
+    for signature, skip_pos, skip_kw in chain:
+        params = [(n, p) for n, p in signature.parameters.items() if n != "self"]
+        for i, (name, p) in enumerate(params):
+            if (i < skip_pos and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)) or name in skip_kw:
+                continue
+            if name in _INPUTS or name in out or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if p.default is not p.empty or p.kind == p.KEYWORD_ONLY:
+                out[name] = "(required)" if p.default is p.empty else p.default
     return out
 
 

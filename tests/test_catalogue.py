@@ -23,12 +23,37 @@ def test_every_available_entry_resolves_to_its_target_and_reports_its_options():
         module, attribute = entry.target.split(":")
         fn = getattr(importlib.import_module(module), attribute)
         assert entry.resolve() is fn
-        params = inspect.signature(fn).parameters
+        params = {}
+        for f in ([c.__init__ for c in fn.__mro__[::-1] if "__init__" in vars(c)] if inspect.isclass(fn) else [fn]):
+            params.update(inspect.signature(f).parameters)  # a subclass's own parameters win
         options = entry.options()
         assert set(options) <= set(params) and not set(options) & {"model", "plan", "data", "loss_fn"}
         for name, value in options.items():
             default = params[name].default
             assert value == ("(required)" if default is inspect.Parameter.empty else default)
+
+
+class _Base:
+    def __init__(self, model, final, *, alpha: float = 0.3, end: int, seed: int = 0):
+        pass
+
+
+class _Child(_Base):
+    def __init__(self, model, final, *, beta: float = 0.9, **kwargs):
+        super().__init__(model, final, seed=1, **kwargs)
+
+
+class _Closed(_Base):
+    def __init__(self, model, final, gamma: int = 2, **prune_options):
+        super().__init__(model, final, end=3)
+        self.prune_options = prune_options
+
+
+def test_options_of_classes_follow_what_init_passes_to_its_base():
+    assert cat.signature_options(_Child) == {"beta": 0.9, "alpha": 0.3, "end": "(required)"}
+    assert cat.signature_options(_Closed) == {"gamma": 2}  # **prune_options is not passed to the base
+    assert cat.signature_options(sl.schedules.GradualPruner) == {"initial": 0.0, "power": 3, "method": "magnitude",
+                                                                 "scope": "global"}
 
 
 def test_catalogue_table_has_every_kind_with_sections_chapters_and_known_citations():
