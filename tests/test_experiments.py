@@ -296,3 +296,23 @@ def test_sweep_exclude_keeps_a_layer_per_structure(trained):
     assert out[("magnitude", "global", None, 0.5)]["densities"]["fc3.weight"] < 1.0
     fixed = experiments.sweep(model, task, [0.5], methods=("magnitude",), scopes=("global",), exclude=["fc1.weight"])
     assert fixed[("magnitude", "global", None, 0.5)]["densities"]["fc1.weight"] == 1.0
+
+
+def test_records_drive_an_explorer_directly(trained):
+    model, task = trained
+    records = experiments.run("one_shot", model, task, [0.5, 0.8], seeds=[0, 1], methods=["magnitude", "random"],
+                              progress=False)
+
+    def lookup(sparsity, method):
+        return experiments.select(records, target=sparsity, method=method)   # one record per seed
+
+    def render(rows, fig, sparsity, method):
+        viz.accuracy_vs_sparsity(experiments.curves(records, method=method), ax=fig.subplots())
+
+    explorer = sl.widgets.Explorer({"sparsity": [0.5, 0.8], "method": ["magnitude", "random"]}, lookup, render,
+                                   figsize=(3, 2))
+    out = explorer.self_test(check=lambda rows, sparsity, method: [r["seed"] for r in rows] == [0, 1] and all(
+        r["target"] == sparsity and r["method"] == method for r in rows), quiet=True)
+    assert out["moves"] == 4 and explorer.values == {"sparsity": 0.5, "method": "magnitude"}
+    with pytest.raises(KeyError):
+        experiments.select(records, target=0.9)
