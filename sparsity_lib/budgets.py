@@ -24,6 +24,7 @@ from typing import Dict, Iterable, Mapping, Union
 import torch
 from torch import nn
 
+from .catalogue import table as _table
 from .masks import prunable
 from .select import check_sparsity
 
@@ -115,4 +116,5 @@ def overall_sparsity(model: Shapes, budget: Mapping[str, float]) -> float:
     return sum(budget.get(n, 0.0) * params[n] for n in shapes) / sum(params.values())
 
 
-BUDGETS = {"uniform": uniform, "er": erdos_renyi, "erk": erk}
+#: ``{name: budget function}``, read from the catalogue (``sl.catalogue("budget")``): "uniform", "er", "erk"
+BUDGETS = _table("budget")

@@ -40,7 +40,6 @@ from .masks import _check_has_prunable, _original, _prunable_modules, prunable
 from .obs import _check_unstructured, _greedy_obs
 from .plumbing import (INPUT_LAYERS, batches, capture_inputs, check_bool, check_finite, check_input_layers,
                        check_positive_int, layer_rows, unfold_conv_input, weight_matrix)
-from .scores import register_pruner
 from .select import check_structure, is_n_m
 
 ROW_ALLOCATIONS = ("adaptive", "uniform")
@@ -380,8 +379,6 @@ def _layerwise(model, plan, data, solve, sequential: bool):
     return masks, weights
 
 
-@register_pruner("obc", needs_data=True,
-                 description="Optimal Brain Compression: exact greedy OBS per output row of each layer (§3.5.5)")
 def obc_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DAMP, sequential: bool = True,
                row_allocation: str = "adaptive", block: int = 64, memory_mb: float = 256):
     """OBC / layer-wise OBS for every prunable layer (Frantar and Alistarh {cite}`frantar2022optimal`, Dong et al.
@@ -410,8 +407,6 @@ def obc_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DA
     return _layerwise(model, plan, data, solve, sequential)
 
 
-@register_pruner("sparsegpt", needs_data=True,
-                 description="SparseGPT: column-wise layer-wise OBS with a Cholesky factor and lazy updates (§3.5.5)")
 def sparsegpt_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DAMP, sequential: bool = True,
                      blocksize: int = 128, dead_inputs: str = "prune"):
     """SparseGPT for every prunable layer (Frantar and Alistarh {cite}`frantar2023sparsegpt`; survey §3.5.5), by
@@ -525,7 +520,6 @@ def per_row_masks(scores: Dict[str, torch.Tensor], current: Dict[str, torch.Tens
     return masks
 
 
-@register_pruner("wanda", needs_data=True, description="|W|*||X_j||, pruned within each output row (Sun et al. 2023)")
 def wanda_pruner(model: nn.Module, plan, data=None, loss_fn=None, per_row: bool = True,
                  num_batches: Optional[int] = None):
     """Wanda pruning (Sun et al. {cite}`sun2023simple`): score ``|W_ij| * ||X_j||_2`` (:func:`wanda`), then in

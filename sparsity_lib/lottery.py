@@ -25,8 +25,8 @@ The pieces:
   pruning with the same per-layer counts; :func:`mask_budget` gives those counts as a ``{name: sparsity}``
   budget for ``sl.prune``);
 * :func:`edge_popup` (Ramanujan et al. {cite}`ramanujan2020whats`): a supermask (:class:`TopKSupermask`, a
-  mask by the library's mask protocol) learned over frozen random weights, also registered as the pruning
-  method ``"edgepopup"``; :func:`signed_constant_init` sets the signed Kaiming constant weights of that paper
+  mask by the library's mask protocol) learned over frozen random weights; it trains, so it is a procedure
+  (``sl.experiments.run("edge_popup", ...)``), not a pruning criterion of ``sl.prune``; :func:`signed_constant_init` sets the signed Kaiming constant weights of that paper
   (Zhou et al. {cite}`zhou2019deconstructing` found that the signs of the initial weights carry most of a
   ticket).
 """
@@ -40,10 +40,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from . import scores as _scores
 from .data import Task
 from .masks import _check_has_prunable, _prunable_modules, get_masks, prunable, remove_masks, set_weights
 from .pruning import prune
@@ -584,8 +582,9 @@ def edge_popup(model: nn.Module, data, sparsity: Union[float, Mapping[str, float
     Only the scores are trained (SGD with momentum and weight decay on the scores, cosine schedule, through
     :func:`sparsity_lib.train.fit`); weights and biases never change. Scores start Kaiming-uniform like the
     authors' code. Weights already masked on ``model`` stay masked. ``model`` is not changed: the masks of the
-    final top-k are returned (apply them with :func:`sparsity_lib.apply_masks`, or use
-    ``sl.prune(model, s, method="edgepopup", scope="layerwise", data=task, epochs=...)``).
+    final top-k are returned: apply them with :func:`sparsity_lib.apply_masks`, or run the recipe
+    ``sl.experiments.run("edge_popup", ...)``. Edge-popup trains, so it is a procedure of the catalogue, not a
+    method of ``sl.prune`` (whose criteria never train a model).
 
     Arguments:
         data: a :class:`~sparsity_lib.data.Task` (its training split) or an iterable of ``(inputs, targets)``.
@@ -633,25 +632,6 @@ def edge_popup(model: nn.Module, data, sparsity: Union[float, Mapping[str, float
             for name in names}
 
 
-@_scores.register_pruner("edgepopup", needs_data=True,
-                         description="edge-popup supermask: top-k of learned scores over frozen weights (§8.3.1)")
-def edgepopup_pruner(model, plan, *, data=None, loss_fn=None, epochs: int = 10, lr: float = 0.1,
-                     momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 64, seed: int = 0,
-                     progress: Optional[bool] = None):
-    """The pruner behind ``sl.prune(..., method="edgepopup", scope="layerwise" or a budget, data=task)``:
-    :func:`edge_popup` with the plan's per-layer sparsities; the weights are not changed."""
-    if plan.budget is None:
-        raise ValueError("method 'edgepopup' keeps the top-k per layer (Ramanujan et al.): pass scope='layerwise' "
-                         "or a {name: sparsity} budget, not scope='global'")
-    if plan.structure is not None:
-        raise ValueError("method 'edgepopup' is unstructured: structure must be None")
-    if loss_fn is not None and loss_fn is not F.cross_entropy:
-        raise ValueError("method 'edgepopup' trains with cross-entropy; loss_fn must be None")
-    masks = edge_popup(model, data, plan.budget, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                       batch_size=batch_size, seed=seed, progress=progress)
-    return masks, None
-
-
 __all__ = ["capture", "Checkpoints", "rewind", "reinitialize", "mask_budget", "shuffle_masks", "density", "per_layer_rates",
            "round_target", "rate_for", "imp", "RETRAIN_STRATEGIES", "retrain_schedule", "retrain",
-           "signed_constant_init", "TopKSupermask", "edge_popup", "edgepopup_pruner"]
+           "signed_constant_init", "TopKSupermask", "edge_popup"]

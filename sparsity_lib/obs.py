@@ -48,7 +48,6 @@ from .curvature import (DEFAULT_DAMP, HESSIAN_MAX_PARAMS, NEGATIVE_CURVATURE, _c
                         per_sample_gradients, positive_curvature, woodbury_fisher_inverse)
 from .masks import _original, _prunable_modules, prunable
 from .plumbing import batch_size, check_finite, check_positive_int, eval_mode, flatten, unflatten
-from .scores import register, register_pruner
 
 #: Exact OBS stores and inverts a d x d matrix: above this many prunable weights "obs" refuses to run.
 OBS_MAX_PARAMS = HESSIAN_MAX_PARAMS
@@ -369,7 +368,6 @@ def constrained_minimizer(w_star: torch.Tensor, H: torch.Tensor, removed: torch.
 
 
 # ============================================================================================ OBD (a score)
-@register("obd", needs_data=True, description="Optimal Brain Damage: 1/2 H_qq w_q^2, exact Hessian diagonal (§3.5.1)")
 def obd(model, *, data=None, loss_fn=None, chunk_size: int = 64, max_params: int = OBD_MAX_PARAMS):
     """OBD score ``1/2 H_qq w_q^2`` with the exact diagonal of the loss Hessian (:func:`hessian_diagonal`),
     higher = keep (LeCun et al. {cite}`lecun1990optimal`; survey §3.5.1). No weight update: it is a plain score,
@@ -459,8 +457,6 @@ def _available_memory() -> Optional[int]:
         return None
 
 
-@register_pruner("obs", needs_data=True,
-                 description="Optimal Brain Surgeon: exact damped loss Hessian, greedy removal with updates (§3.5.1)")
 def obs_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DAMP,
                negative_curvature: Optional[str] = None, max_params: int = OBS_MAX_PARAMS, chunk_size: int = 64,
                block: int = 64, hessian: Optional[torch.Tensor] = None, weight_decay: float = 0.0):
@@ -593,8 +589,6 @@ def obs_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DA
 
 
 # ============================================================================================ WoodFisher
-@register_pruner("woodfisher", needs_data=True,
-                 description="WoodFisher: block-diagonal empirical Fisher, Woodbury inverse, OBS per block (§3.5.5)")
 def woodfisher_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DAMP, block_size: int = 128,
                       chunk_size: int = 16):
     """WoodFisher (Singh and Alistarh {cite}`singh2020woodfisher`; survey §3.5.5): OBS with the empirical Fisher

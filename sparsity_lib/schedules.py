@@ -42,6 +42,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
+from .catalogue import table as _table
 from . import scores as _scores
 from .masks import apply_masks, get_masks, is_masked, remove_masks
 from .select import check_sparsity
@@ -448,7 +449,9 @@ class DSD(IHT):
         return self.sparsity if self.begin <= step < self.begin + self.sparse_steps else 0.0
 
 
-SCHEDULES = {"one-shot": OneShot, "iterative": IterativePruner, "gradual": GradualPruner, "iht": IHT, "dsd": DSD}
+#: ``{name: schedule class}``, read from the catalogue (``sl.catalogue("schedule")``): "one-shot", "iterative",
+#: "gradual", "iht", "dsd"
+SCHEDULES = _table("schedule")
 
 __all__ = ["polynomial", "gradual", "pruning_steps", "ScheduledPruner", "GradualPruner", "OneShot",
            "IterativePruner", "IHT", "DSD", "DENSE", "SCHEDULES"]

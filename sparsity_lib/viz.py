@@ -14,6 +14,7 @@ figure at the end of the cell; end the cell with ``;`` to hide the returned obje
 :func:`sparsity_curve`         a schedule's sparsity over training
 :func:`heatmap`                an annotated matrix (method x sparsity tables)
 :func:`table`                  a rounded ``pandas.DataFrame`` for claim tables
+:func:`show_source`            a function's code, highlighted, next to the equation it implements
 =============================  ===========================================================================
 
 Example::
@@ -491,5 +492,105 @@ def table(rows, decimals: int = 3, index: Optional[str] = None):
     return frame.round(decimals)
 
 
+# ------------------------------------------------------------------------------------------------ source code
+class SourceCode:
+    """Code to show in a notebook and in the rendered book: highlighted HTML (Pygments with inline styles, so
+    it needs no stylesheet and works offline), Markdown (a fenced ``python`` block) or plain text. ``code`` is
+    the text shown, ``title`` where it comes from (file and lines)."""
+
+    def __init__(self, code: str, title: str = ""):
+        self.code = code
+        self.title = title
+
+    def _repr_html_(self) -> str:
+        import html
+
+        from pygments import highlight
+        from pygments.formatters import HtmlFormatter
+        from pygments.lexers import PythonLexer
+
+        body = highlight(self.code, PythonLexer(), HtmlFormatter(noclasses=True, style="default", nobackground=True))
+        caption = (f'<div style="font-size:0.85em;color:#555;margin-bottom:2px"><code>{html.escape(self.title)}'
+                   "</code></div>") if self.title else ""
+        return (f'<div class="sl-source" style="border-left:3px solid #ccc;padding:2px 8px;margin:4px 0;'
+                f'background:#f8f8f8">{caption}{body}</div>')
+
+    def _repr_markdown_(self) -> str:
+        caption = f"`{self.title}`\n\n" if self.title else ""
+        return f"{caption}```python\n{self.code}\n```"
+
+    def __str__(self) -> str:
+        return self.code
+
+    def __repr__(self) -> str:
+        return (f"# {self.title}\n" if self.title else "") + self.code
+
+
+def _line_of(lines: Sequence[str], marker: str, first: int, what: str) -> int:
+    for i in range(first, len(lines)):
+        if marker in lines[i]:
+            return i
+    raise ValueError(f"{what}={marker!r} is not in the source after its docstring")
+
+
+def show_source(obj, docstring: bool = False, start: Optional[str] = None, end: Optional[str] = None) -> SourceCode:
+    """The source code of a function, method or class of the library (or any Python object with source),
+    highlighted: end a notebook cell with it to show the code next to the equation it implements, e.g.
+    ``sl.viz.show_source(sl.lottery.imp, start="def target")``.
+
+    Arguments:
+        obj: the function, method or class.
+        docstring: keep the docstring (default: drop it; the prose around the cell explains).
+        start: show the body from the first line that contains this text (after the signature and a ``...``
+            line that says how many lines were left out, e.g. argument checks); an absent text raises
+            ``ValueError``, so a chapter notices when the code it shows changed.
+        end: stop after the first line (from ``start`` on) that contains this text.
+
+    Returns a :class:`SourceCode` (HTML with inline styles in a notebook and in the rendered book, Markdown or
+    text elsewhere); its ``title`` gives the file and the lines shown.
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        lines, first_line = inspect.getsourcelines(obj)
+        path = inspect.getsourcefile(obj) or "?"
+    except (TypeError, OSError) as error:
+        raise TypeError(f"obj must be a function, method or class with Python source, got {obj!r}: {error}") from None
+    text = textwrap.dedent("".join(lines))
+    lines = text.splitlines()
+    node = ast.parse(text).body[0]
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        raise TypeError(f"obj must be a function, method or class, got {type(obj).__name__}")
+    body_start = node.body[0].lineno - 1  # 0-based index of the first statement of the body
+    header = lines[:body_start]
+    has_doc = (isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+               and isinstance(node.body[0].value.value, str))
+    after_doc = node.body[0].end_lineno if has_doc else body_start
+    if has_doc and len(node.body) == 1:
+        after_doc = len(lines)
+    doc = lines[body_start:after_doc] if has_doc and docstring else []
+    begin = after_doc
+    shown = header + doc
+    indent = " " * (len(lines[after_doc]) - len(lines[after_doc].lstrip())) if after_doc < len(lines) else "    "
+    if start is not None:
+        begin = _line_of(lines, start, after_doc, "start")
+        if begin > after_doc:
+            shown.append(f"{indent}...  # {begin - after_doc} lines left out (argument checks, set-up)")
+    stop = len(lines)
+    if end is not None:
+        stop = _line_of(lines, end, begin, "end") + 1
+    shown += lines[begin:stop]
+    if stop < len(lines):
+        shown.append(f"{indent}...  # {len(lines) - stop} more lines")
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder that holds sparsity_lib/
+    where = os.path.relpath(path, root) if os.path.abspath(path).startswith(root + os.sep) else path
+    title = f"{where}, lines {first_line}-{first_line + len(lines) - 1}: {getattr(obj, '__qualname__', obj)}"
+    return SourceCode("\n".join(shown), title)
+
+
 __all__ = ["STYLE", "style", "accuracy_vs_sparsity", "mask_image", "masks_grid", "layer_densities", "sparsity_curve",
-           "heatmap", "table"]
+           "heatmap", "table", "show_source", "SourceCode"]

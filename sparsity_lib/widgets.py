@@ -6,16 +6,17 @@ figure. Three pieces:
 
 * :class:`Explorer`: the general pattern. Give it the values each control may take, a ``lookup`` that returns the
   precomputed record for the current values, and a ``render`` that draws a record on a matplotlib Figure.
-* :func:`sweep`: the precomputation behind the pruning explorer: prune copies of a trained model with every
-  method x scope x structure x sparsity, evaluate them, keep accuracy, loss and masks.
-* :func:`pruning_explorer`: the book's reusable explorer of a :func:`sweep` (accuracy curve, mask, layer bars);
-  :func:`curves` turns a sweep into the static accuracy-vs-sparsity figure that goes next to it.
+* :func:`pruning_explorer`: the book's reusable explorer of a :func:`sparsity_lib.experiments.sweep` (the
+  precomputation: prune copies of a trained model with every method x scope x structure x sparsity, evaluate
+  them, keep accuracy, loss and masks), with accuracy curve, mask and layer bars;
+  :func:`sparsity_lib.experiments.curves` turns a sweep into the static accuracy-vs-sparsity figure next to it.
+* :meth:`Explorer.self_test`: the check every chapter runs on its widget (hidden in the book).
 
 In the rendered book there is no kernel, so a widget is frozen; the chapters show the full sweep next to it in a
 static figure. Ending a cell with an explorer displays the widget and nothing else (no callback repr)::
 
-    results = sl.widgets.sweep(model, task, [0.0, 0.5, 0.8, 0.9, 0.95, 0.98])
-    sl.viz.accuracy_vs_sparsity(sl.widgets.curves(results, structure=None), logit_x=True);   # static
+    results = sl.experiments.sweep(model, task, [0.0, 0.5, 0.8, 0.9, 0.95, 0.98])
+    sl.viz.accuracy_vs_sparsity(sl.experiments.curves(results, structure=None), logit_x=True);   # static
     sl.widgets.pruning_explorer(results)                                                     # live
 
 ipywidgets is imported only when a widget is built, so ``import sparsity_lib`` works without it.
@@ -24,27 +25,35 @@ ipywidgets is imported only when a widget is built, so ``import sparsity_lib`` w
 from __future__ import annotations
 
 import base64
-import copy
-import inspect
 import io
-import itertools
-import math
 import numbers
 import time
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
-
-import numpy as np
-import torch
-from torch import nn
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from . import viz
-from .masks import get_masks
-from .pruning import prune
-from .scores import get_method
-from .select import check_sparsity
+from .experiments import SWEEP_SCOPES, curves, structure_label, sweep  # noqa: F401  (sl.widgets.sweep: the old name)
 
 
 # ------------------------------------------------------------------------------------------------- Explorer
+class _NoneOption:
+    """Stands for the value ``None`` inside a selection widget: ipywidgets reads a ``None`` value as "nothing
+    selected", so an option whose value is ``None`` (chapter 03's "unstructured") would never show as selected."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+_NONE = _NoneOption()
+
+
+def _to_widget(value):
+    return _NONE if value is None else value
+
+
+def _from_widget(value):
+    return None if value is _NONE else value
+
+
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -82,6 +91,12 @@ class Explorer:
             ``None``.
         render_count: number of redraws so far; ``last_callback_seconds``: duration of the last redraw
             (look-up, render and PNG encoding).
+        initial_values: the designed starting state ``{name: value}``; :meth:`restore` returns to it, and
+            :meth:`self_test` (the hidden check cell of every chapter) ends there.
+
+    ``None`` is a value like any other: ``{"structure": [None, "neuron"]}`` shows "None" selected at the start
+    (ipywidgets itself reads ``None`` as "no selection"; the explorer maps it). Move controls in code with
+    :meth:`set` (or ``explorer.controls[name].value = value``).
 
     Example::
 
@@ -123,11 +138,12 @@ class Explorer:
             if not values:
                 raise ValueError(f"controls[{name!r}] is empty: give at least one value")
             fmt = formats.get(name, _default_format)
-            options = [(fmt(v), v) for v in values]
+            options = [(fmt(v), _to_widget(v)) for v in values]
             value = initial.get(name, values[0])
             if value not in values:
                 raise ValueError(f"initial[{name!r}]={value!r} is not one of the values {values}")
-            common = dict(options=options, value=value, description=name, style={"description_width": "initial"})
+            common = dict(options=options, value=_to_widget(value), description=name,
+                          style={"description_width": "initial"})
             if all(_is_number(v) for v in values):
                 control = widgets.SelectionSlider(continuous_update=continuous_update, readout=True, **common)
             elif len(values) <= 4 and sum(len(label) for label, _ in options) <= 40:
@@ -146,15 +162,92 @@ class Explorer:
         self.last_error: Optional[str] = None
         self.render_count = 0
         self.last_callback_seconds = float("nan")
+        self.initial_values = self.values  # the designed starting state, which self_test restores
         self.update()
 
     # ---------------------------------------------------------------------------------------------- state
     @property
     def values(self) -> Dict[str, Any]:
         """The current value of every control, ``{name: value}``."""
-        return {name: control.value for name, control in self.controls.items()}
+        return {name: _from_widget(control.value) for name, control in self.controls.items()}
 
     def _on_change(self, change) -> None:
+        control = change["owner"]
+        if change["new"] is None and any(v is _NONE for _, v in control.options):
+            control.value = _NONE  # ``control.value = None`` in code: select the None option (this redraws)
+            return
+        self.update()
+
+    def set(self, **values) -> None:
+        """Move controls in code, as a reader would (``explorer.set(sparsity=0.9, structure=None)``)."""
+        for name, value in values.items():
+            if name not in self.controls:
+                raise ValueError(f"unknown control {name!r}; the controls are {list(self.controls)}")
+            choices = [_from_widget(v) for _, v in self.controls[name].options]
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of the values {choices}")
+            self.controls[name].value = _to_widget(value)
+
+    def self_test(self, moves: Optional[Sequence[tuple]] = None, check: Optional[Callable[..., Any]] = None,
+                  quiet: bool = False) -> Dict[str, Any]:
+        """The widget check of a chapter (a hidden cell): move controls in code as a reader would, check that
+        every move redraws the figure once with another record and no failed look-up, then restore the designed
+        starting state (:attr:`initial_values`), so that the rendered book shows the widget as designed.
+
+        Arguments:
+            moves: ``[(control, value), ...]`` in order; default: each control in turn to another of its values
+                (its last, or its first when it starts at the last). A move must change the control's value.
+            check: ``check(record, **values)`` called after every move with the record shown and the control
+                values; it must return a true value (e.g. that the record equals one computed independently).
+            quiet: do not print the summary (moves and redraw times: printed, never asserted).
+
+        Returns ``{"moves": number of moves, "seconds": redraw time of each move}``. A failed check raises
+        ``AssertionError`` naming the move.
+        """
+        start_values = self.values
+        if moves is None:
+            moves = []
+            for name, control in self.controls.items():
+                values = [_from_widget(v) for _, v in control.options]
+                if len(values) > 1:
+                    moves.append((name, values[-1] if start_values[name] != values[-1] else values[0]))
+                    moves.append((name, start_values[name]))
+        if not moves:
+            raise ValueError("moves is empty (every control has a single value): nothing to test")
+        seconds = []
+        for i, move in enumerate(moves):
+            if not (isinstance(move, (tuple, list)) and len(move) == 2):
+                raise ValueError(f"moves[{i}] must be a pair (control, value), got {move!r}")
+            name, value = move
+            if name in self.controls and self.values[name] == value:
+                raise ValueError(f"moves[{i}]: {name} is already {value!r}; a move must change the value")
+            count, record = self.render_count, self.last_record
+            self.set(**{name: value})
+            where = f"self_test move {i} ({name}={value!r}, values {self.values})"
+            if self.render_count != count + 1:
+                raise AssertionError(f"{where}: {self.render_count - count} redraws instead of one")
+            if self.last_error is not None:
+                raise AssertionError(f"{where}: {self.last_error}")
+            if self.last_record is record:
+                raise AssertionError(f"{where}: the figure shows the same record as before the move")
+            if self.values[name] != value or self.controls[name].index is None:
+                raise AssertionError(f"{where}: the control does not show {value!r} as selected")
+            if check is not None and not check(self.last_record, **self.values):
+                raise AssertionError(f"{where}: check(record, **values) failed")
+            seconds.append(self.last_callback_seconds)
+        self.restore()
+        if not quiet:
+            print(f"widget self-test: {len(moves)} moves, redraw {min(seconds):.3f}-{max(seconds):.3f} s "
+                  "(printed, not asserted); restored to " + ", ".join(f"{k}={v!r}" for k, v in self.values.items()))
+        return {"moves": len(moves), "seconds": seconds}
+
+    def restore(self) -> None:
+        """Put every control back to :attr:`initial_values` (the designed starting state) and redraw once more."""
+        for name, value in self.initial_values.items():
+            if self.values[name] != value:
+                self.set(**{name: value})
+        if self.values != self.initial_values:
+            raise AssertionError(f"could not restore {self.initial_values}; the controls show {self.values}")
         self.update()
 
     def update(self) -> None:
@@ -204,202 +297,6 @@ class Explorer:
         return f"Explorer(controls={list(self.controls)}, render_count={self.render_count})"
 
 
-# ---------------------------------------------------------------------------------------------------- sweep
-SWEEP_SCOPES = ("global", "layerwise")
-
-
-def _structure_key(structure):
-    return tuple(structure) if isinstance(structure, list) else structure
-
-
-def structure_label(structure) -> str:
-    """A short label for a ``structure`` argument: None -> "unstructured", (2, 4) -> "2:4", ("block", 4, 4) ->
-    "block 4x4", "neuron" -> "neuron"."""
-    if structure is None:
-        return "unstructured"
-    if isinstance(structure, (tuple, list)):
-        if len(structure) == 2:
-            return f"{structure[0]}:{structure[1]}"
-        if len(structure) == 3 and structure[0] == "block":
-            return f"block {structure[1]}x{structure[2]}"
-    return str(structure)
-
-
-def _metrics(result) -> Dict[str, float]:
-    """``{"accuracy", "loss"}`` from what an evaluation function returned (a dict, an object or a number)."""
-    if isinstance(result, Mapping):
-        accuracy = result.get("accuracy", result.get("acc"))
-        loss = result.get("loss")
-    elif _is_number(result):
-        accuracy, loss = result, None
-    else:
-        accuracy, loss = getattr(result, "accuracy", None), getattr(result, "loss", None)
-    if accuracy is None:
-        raise TypeError(
-            "the evaluation must return a dict with 'accuracy' (and 'loss'), an object with those attributes, or "
-            f"the accuracy as a number; got {type(result).__name__}"
-        )
-    as_float = lambda v: float(v.item() if hasattr(v, "item") else v)  # noqa: E731
-    return {"accuracy": as_float(accuracy), "loss": float("nan") if loss is None else as_float(loss)}
-
-
-def _scope_argument(model: nn.Module, scope: str, sparsity: float):
-    """What ``sl.prune`` gets as ``scope``: "global"/"layerwise" as they are, a budget name as its budget."""
-    from .budgets import BUDGETS
-
-    if scope in SWEEP_SCOPES:
-        return scope
-    return BUDGETS[scope](model, sparsity)
-
-
-def sweep(model: nn.Module, task, sparsities: Iterable[float], methods: Sequence[str] = ("magnitude", "random"),
-          scopes: Sequence[str] = SWEEP_SCOPES, structures: Sequence = (None,),
-          finetune: Optional[Callable[[nn.Module], Any]] = None, data: Optional[Iterable] = None,
-          loss_fn: Optional[Callable] = None, seed: int = 0, *,
-          evaluate: Optional[Callable] = None) -> Dict[tuple, dict]:
-    """Prune copies of a trained ``model`` with every combination of method, scope, structure and sparsity and
-    evaluate each: the precomputation behind :func:`pruning_explorer` (and behind the accuracy-vs-sparsity figures
-    of one-shot pruning, survey §2.4.1 and Gale et al. {cite}`gale2019state`).
-
-    For each combination: ``m = copy.deepcopy(model)``; ``sl.prune(m, sparsity, method, scope, structure, data,
-    loss_fn)``; ``finetune(m)`` if given; ``sl.train.evaluate(m, task)``. ``model`` itself is never changed.
-
-    Arguments:
-        model: the trained model (it may already carry masks: pruning is cumulative).
-        task: what the evaluation takes (a :class:`sparsity_lib.data.Task`).
-        sparsities: target sparsities, each in [0, 1).
-        methods: registered method names (``sl.scores.known_methods()``).
-        scopes: ``"global"``, ``"layerwise"``, or a budget of :mod:`sparsity_lib.budgets` by name (``"uniform"``,
-            ``"er"``, ``"erk"``), computed for each sparsity.
-        structures: ``None``, ``"neuron"``, ``(n, m)``, ``("block", r, c)``.
-        finetune: ``finetune(model)`` trains the pruned copy in place (masks stay); ``None`` = one-shot.
-        data, loss_fn: calibration batches and loss for data-driven methods (default ``task.calibration()``
-            when the task has one).
-        seed: seeds torch before each point and is passed to methods that take a ``seed`` (``"random"``).
-        evaluate: ``evaluate(model, task)`` returning ``{"accuracy", "loss"}`` (default ``sl.train.evaluate``).
-
-    Returns ``{(method, scope, structure, sparsity): record}`` with ``record`` = ``{"accuracy", "loss", "masks"
-    ({layer: bool tensor on the CPU}), "densities" ({layer: kept fraction}), "sparsity" (achieved: the fraction of
-    prunable weights masked), "skipped": None}``. A combination that ``sl.prune`` rejects (e.g. N:M with a
-    sparsity other than ``1 - n/m``, a layer that N:M or blocks do not tile) is not raised but recorded with
-    ``"skipped"`` = the reason and NaN accuracy and loss.
-
-    Example::
-
-        >>> results = sweep(model, task, [0.5, 0.9], structures=(None, (2, 4)))
-        >>> results[("magnitude", "global", None, 0.9)]["accuracy"]
-        0.93...
-        >>> results[("magnitude", "global", (2, 4), 0.9)]["skipped"]
-        'structure (2, 4) means sparsity 1 - n/m = 0.5; got sparsity=0.9'
-    """
-    from .budgets import BUDGETS
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    sparsities = [check_sparsity(s, "sparsities[...]") for s in sparsities]
-    if not sparsities:
-        raise ValueError("sparsities must contain at least one sparsity in [0, 1)")
-    methods = list(methods)
-    specs = {m: get_method(m) for m in methods}  # raises ValueError listing the known methods
-    scopes = list(scopes)
-    for scope in scopes:
-        if not isinstance(scope, str) or (scope not in SWEEP_SCOPES and scope not in BUDGETS):
-            raise ValueError(f"scopes must be names among {list(SWEEP_SCOPES) + list(BUDGETS)}, got {scope!r}")
-    structures = [_structure_key(s) for s in structures]
-    if finetune is not None and not callable(finetune):
-        raise TypeError(f"finetune must be a callable finetune(model) or None, got {type(finetune).__name__}")
-    if evaluate is None:
-        from . import train
-
-        evaluate = train.evaluate
-    if data is None and any(spec.needs_data for spec in specs.values()) and callable(getattr(task, "calibration", None)):
-        data = task.calibration()
-
-    results: Dict[tuple, dict] = {}
-    for method, scope, structure, sparsity in itertools.product(methods, scopes, structures, sparsities):
-        spec = specs[method]
-        options = {"seed": seed} if "seed" in inspect.signature(spec.score or spec.pruner).parameters else {}
-        with torch.random.fork_rng(devices=[]):  # seeded per point, and the caller's RNG state is left alone
-            torch.manual_seed(seed)
-            pruned = copy.deepcopy(model)
-            try:
-                masks = prune(pruned, sparsity, method=method, scope=_scope_argument(pruned, scope, sparsity),
-                              structure=structure, data=data if spec.needs_data else None,
-                              loss_fn=loss_fn if spec.needs_data else None, **options)
-            except ValueError as error:  # an invalid combination (the library's validation): record why
-                results[(method, scope, structure, sparsity)] = {
-                    "accuracy": float("nan"), "loss": float("nan"), "masks": None, "densities": None,
-                    "sparsity": float("nan"), "skipped": str(error),
-                }
-                continue
-            if finetune is not None:
-                finetune(pruned)
-                masks = get_masks(pruned)
-            metrics = _metrics(evaluate(pruned, task))
-        masks = {name: mask.detach().to("cpu", torch.bool).clone() for name, mask in masks.items()}
-        kept = sum(int(m.sum()) for m in masks.values())
-        total = sum(m.numel() for m in masks.values())
-        results[(method, scope, structure, sparsity)] = {
-            **metrics,
-            "masks": masks,
-            "densities": {name: float(m.float().mean()) for name, m in masks.items()},
-            "sparsity": 1.0 - kept / total,
-            "skipped": None,
-        }
-    return results
-
-
-KEY_FIELDS = ("method", "scope", "structure")
-
-
-def curves(sweep_results, metric: str = "accuracy", **fixed) -> Dict[str, tuple]:
-    """Turn :func:`sweep` results into the ``{label: (sparsities, values)}`` of
-    :func:`sparsity_lib.viz.accuracy_vs_sparsity`: the static figure of a whole sweep, next to its explorer.
-
-    ``fixed`` picks one value of some key fields (``method=``, ``scope=``, ``structure=``); there is one curve per
-    combination of the other fields, labelled by their values (e.g. ``"magnitude, global"``). ``metric`` is a
-    record field (``"accuracy"``, ``"loss"``, ``"sparsity"``). Skipped points are left out. ``sweep_results`` may
-    also be a list of sweeps of the same grid, one per seed: then ``values`` has shape ``(seeds, S)`` (over the
-    sparsities valid in every seed) and the figure shows the spread over seeds.
-
-    Example::
-
-        >>> runs = [sweep(model, task, [0.0, 0.5, 0.9], seed=s) for s in range(3)]
-        >>> sl.viz.accuracy_vs_sparsity(curves(runs, scope="global", structure=None), logit_x=True);
-    """
-    runs = [sweep_results] if isinstance(sweep_results, Mapping) else list(sweep_results)
-    if not runs or not all(isinstance(r, Mapping) for r in runs):
-        raise TypeError("sweep_results must be the dict returned by sweep, or a list of them (one per seed)")
-    for name in fixed:
-        if name not in KEY_FIELDS:
-            raise ValueError(f"fixed fields must be among {KEY_FIELDS}, got {name!r}")
-    fixed = {name: _structure_key(value) if name == "structure" else value for name, value in fixed.items()}
-    free = [i for i, name in enumerate(KEY_FIELDS) if name not in fixed]
-    groups: Dict[tuple, list] = {}
-    for key in runs[0]:
-        if all(key[KEY_FIELDS.index(name)] == value for name, value in fixed.items()):
-            groups.setdefault(tuple(key[i] for i in free), []).append(key[3])
-    out = {}
-    for group, sparsities in groups.items():
-        points = []
-        for sparsity in sorted(sparsities):
-            key = list(fixed.get(name) for name in KEY_FIELDS)
-            for i, value in zip(free, group):
-                key[i] = value
-            key = (*key, sparsity)
-            records = [run.get(key) for run in runs]
-            if all(r is not None and r.get("skipped") is None for r in records):
-                if metric not in records[0]:
-                    raise ValueError(f"metric must be a record field such as 'accuracy' or 'loss', got {metric!r}")
-                points.append((sparsity, [float(r[metric]) for r in records]))
-        if points:
-            label = ", ".join(structure_label(v) if KEY_FIELDS[i] == "structure" else str(v)
-                              for i, v in zip(free, group)) or str(metric)
-            values = np.array([p[1] for p in points]).T  # (seeds, S)
-            out[label] = ([p[0] for p in points], values if len(runs) > 1 else values[0])
-    return out
-
-
 # -------------------------------------------------------------------------------------------- the explorer
 def _unique(values):
     out = []
@@ -430,7 +327,7 @@ def pruning_explorer(sweep_results: Mapping[tuple, dict], layer: Optional[str] =
         >>> explorer.controls["sparsity"].value = 0.95      # what a reader's slider does
     """
     if not isinstance(sweep_results, Mapping) or not sweep_results:
-        raise TypeError("sweep_results must be the non-empty dict returned by sl.widgets.sweep")
+        raise TypeError("sweep_results must be the non-empty dict returned by sl.experiments.sweep")
     for key in sweep_results:
         if not (isinstance(key, tuple) and len(key) == 4):
             raise ValueError(f"sweep_results keys must be (method, scope, structure, sparsity), got {key!r}")

@@ -350,14 +350,16 @@ def test_supermask_straight_through_gradient():
 def test_edgepopup_learns_a_mask_without_changing_weights():
     task = _task(n=256)
     model = sl.models.mlp(16, (64,), 5, seed=0)
-    sl.prune(model, 0.2, method="random", scope="layerwise", seed=1)  # cumulative: these stay masked
+    sl.prune(model, 0.2, method="random", scope="layerwise", seed=1)  # already masked: these stay masked
     before_masks = sl.get_masks(model)
     values = {n: w.detach().clone() for n, w in sl.prunable(model).items()}
     biases = model.fc1.bias.detach().clone()
-    with pytest.raises(ValueError, match="layerwise"):
-        sl.prune(model, 0.6, method="edgepopup", data=task)
-    masks = sl.prune(model, 0.6, method="edgepopup", scope="layerwise", data=task, epochs=15, lr=0.2,
-                     progress=False)
+    with pytest.raises(ValueError, match="edgepopup"):  # it trains: a procedure (recipe), not a method of sl.prune
+        sl.prune(model, 0.6, method="edgepopup", scope="layerwise", data=task)
+    masks = lt.edge_popup(model, task, 0.6, epochs=15, lr=0.2, progress=False)
+    assert sl.get_masks(model).keys() == before_masks.keys()
+    assert all(torch.equal(sl.get_masks(model)[n], before_masks[n]) for n in masks)  # the model is not changed
+    sl.apply_masks(model, masks)
     for name, weight in sl.prunable(model).items():
         assert int(masks[name].sum()) == weight.numel() - round(0.6 * weight.numel())
         assert not (masks[name] & ~before_masks[name]).any()

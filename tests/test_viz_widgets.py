@@ -1,11 +1,10 @@
 """Figures and widgets: every figure draws what its data say, every widget only looks up precomputed results.
 
 Oracles: the shaded spread against NumPy's min/max/std of the input, the log-density axis against the closed form
--log10(1 - s), bar heights against the budgets (and the ERK budget's weighted mean against 1 - sparsity), sweep
-masks against an independent NumPy top-k of |w|, sweep accuracies against re-applying the stored masks.
+-log10(1 - s), bar heights against the budgets (and the ERK budget's weighted mean against 1 - sparsity). The
+sweep and the runner behind the explorers are tested in test_experiments.py.
 """
 
-import copy
 import time
 
 import matplotlib
@@ -232,10 +231,69 @@ def test_explorer_missing_result_display_and_validation():
         widgets.Explorer({"k": [1]}, "table", noop)
 
 
-# --------------------------------------------------------------------------------------------------- sweep
-SPARSITIES = [0.0, 0.5, 0.9]
+def _structure_explorer():
+    table = {(s, st): {"s": s, "st": st} for s in (0.5, 0.9) for st in (None, "neuron", (2, 4))}
+    return widgets.Explorer({"sparsity": [0.5, 0.9], "structure": [None, "neuron", (2, 4)]},
+                            lookup=lambda sparsity, structure: table[(sparsity, structure)],
+                            render=lambda record, fig, **v: fig.subplots().set_title(str(record)), figsize=(2, 2),
+                            formats={"structure": widgets.structure_label}), table
 
 
+def test_explorer_shows_a_none_option_as_selected():
+    explorer, table = _structure_explorer()
+    control = explorer.controls["structure"]
+    assert control.index == 0 and control.label == "unstructured", "None starts selected (issue 10, item 11)"
+    assert explorer.values == {"sparsity": 0.5, "structure": None}
+    assert explorer.last_record is table[(0.5, None)]
+    explorer.set(structure="neuron")
+    assert control.index == 1 and explorer.last_record is table[(0.5, "neuron")]
+    count = explorer.render_count
+    control.value = None  # what a notebook writes: selects the None option, one redraw
+    assert control.index == 0 and control.label == "unstructured" and explorer.values["structure"] is None
+    assert explorer.render_count == count + 1 and explorer.last_record is table[(0.5, None)]
+    explorer.set(structure=(2, 4))
+    assert explorer.values["structure"] == (2, 4)
+    with pytest.raises(ValueError, match="not one of the values"):
+        explorer.set(structure="block")
+    with pytest.raises(ValueError, match="unknown control"):
+        explorer.set(method="random")
+
+
+def test_self_test_moves_checks_and_restores_the_designed_state(capsys):
+    explorer, table = _structure_explorer()
+    explorer = widgets.Explorer({"sparsity": [0.5, 0.9], "structure": [None, "neuron", (2, 4)]},
+                                lookup=lambda sparsity, structure: table[(sparsity, structure)],
+                                render=lambda record, fig, **v: fig.subplots().set_title(str(record)), figsize=(2, 2),
+                                initial={"sparsity": 0.9, "structure": None})
+    assert explorer.initial_values == {"sparsity": 0.9, "structure": None}
+    seen = []
+    out = explorer.self_test(check=lambda record, sparsity, structure: seen.append((sparsity, structure)) or
+                             record is table[(sparsity, structure)])
+    # default moves: each control to another value (its last, or first if it starts there) and back
+    assert seen == [(0.5, None), (0.9, None), (0.9, (2, 4)), (0.9, None)] and out["moves"] == 4
+    assert explorer.values == explorer.initial_values and explorer.last_record is table[(0.9, None)]
+    assert explorer.controls["structure"].index == 0
+    assert "widget self-test: 4 moves" in capsys.readouterr().out
+    # chosen moves; the state is restored even when they end elsewhere
+    explorer.self_test(moves=[("structure", "neuron"), ("sparsity", 0.5)], quiet=True)
+    assert explorer.values == {"sparsity": 0.9, "structure": None}
+    with pytest.raises(AssertionError, match=r"move 0 \(structure='neuron'"):
+        explorer.self_test(moves=[("structure", "neuron")], check=lambda record, **v: False, quiet=True)
+    explorer.restore()
+    with pytest.raises(ValueError, match="already"):
+        explorer.self_test(moves=[("sparsity", 0.9)])
+    # a look-up that fails, or one that shows the same record, is caught
+    broken = widgets.Explorer({"k": [1, 2]}, lookup=lambda k: {1: "one"}[k],
+                              render=lambda record, fig, k: None, figsize=(2, 2))
+    with pytest.raises(AssertionError, match="no precomputed result"):
+        broken.self_test(quiet=True)
+    same = object()
+    stuck = widgets.Explorer({"k": [1, 2]}, lookup=lambda k: same, render=lambda record, fig, k: None, figsize=(2, 2))
+    with pytest.raises(AssertionError, match="same record"):
+        stuck.self_test(quiet=True)
+
+
+# --------------------------------------------------------------------------------- results for the explorer
 @pytest.fixture(scope="module")
 def trained():
     """A small MLP trained (full-batch gradient descent) on a teacher-student task, and the task."""
@@ -248,106 +306,13 @@ def trained():
             for p in model.parameters():
                 p -= 0.5 * p.grad
     model.zero_grad()
-    assert sl.train.evaluate(model, task)["accuracy"] > 0.7
     return model, task
 
 
 @pytest.fixture(scope="module")
 def results(trained):
     model, task = trained
-    return widgets.sweep(model, task, SPARSITIES, structures=(None, (2, 4)))
-
-
-def test_sweep_records_match_the_request(trained, results):
-    model, task = trained
-    total = sum(w.numel() for w in sl.prunable(model).values())
-    assert len(results) == 2 * 2 * 2 * len(SPARSITIES)
-    valid = {k: r for k, r in results.items() if r["skipped"] is None}
-    assert {k[3] for k in valid if k[2] == (2, 4)} == {0.5}
-    for (method, scope, structure, sparsity), record in valid.items():
-        assert abs(record["sparsity"] - sparsity) <= 1 / total
-        assert set(record["masks"]) == set(sl.prunable(model))
-        for name, mask in record["masks"].items():
-            assert mask.dtype == torch.bool and mask.device.type == "cpu"
-            assert record["densities"][name] == pytest.approx(mask.float().mean().item())
-        if scope == "layerwise" and structure is None:
-            for name, mask in record["masks"].items():
-                assert abs(record["densities"][name] - (1 - sparsity)) <= 1 / mask.numel()
-        # Independent check of the stored accuracy: the stored masks on a fresh copy give the same numbers.
-        copy_ = sl.apply_masks(copy.deepcopy(model), record["masks"])
-        again = sl.train.evaluate(copy_, task)
-        assert record["accuracy"] == pytest.approx(again["accuracy"])
-        assert record["loss"] == pytest.approx(again["loss"])
-    dense = sl.train.evaluate(model, task)["accuracy"]
-    assert results[("magnitude", "global", None, 0.0)]["accuracy"] == pytest.approx(dense)
-    assert not any(parametrize.is_parametrized(m) for m in model.modules()), "the trained model is untouched"
-
-
-def test_sweep_global_magnitude_masks_match_numpy_topk(trained, results):
-    model, _ = trained
-    weights = {n: w.detach().numpy() for n, w in sl.prunable(model).items()}
-    flat = np.concatenate([np.abs(w).ravel() for w in weights.values()])
-    keep = round(0.1 * flat.size)
-    threshold = np.sort(flat)[-keep]
-    masks = results[("magnitude", "global", None, 0.9)]["masks"]
-    for name, w in weights.items():
-        np.testing.assert_array_equal(masks[name].numpy(), np.abs(w) >= threshold)
-
-
-def test_curves_feed_accuracy_vs_sparsity(trained, results):
-    model, task = trained
-    by_method = widgets.curves(results, scope="global", structure=None)
-    assert list(by_method) == ["magnitude", "random"]
-    xs, values = by_method["random"]
-    assert xs == SPARSITIES
-    assert list(values) == [results[("random", "global", None, s)]["accuracy"] for s in SPARSITIES]
-    nm = widgets.curves(results, method="magnitude", structure=(2, 4))
-    assert nm == {"global": ([0.5], [results[("magnitude", "global", (2, 4), 0.5)]["accuracy"]]),
-                  "layerwise": ([0.5], [results[("magnitude", "layerwise", (2, 4), 0.5)]["accuracy"]])}
-    assert set(widgets.curves(results, method="random")) == {"global, unstructured", "global, 2:4",
-                                                              "layerwise, unstructured", "layerwise, 2:4"}
-    # Several seeds: values (seeds, S), and the figure's band spans them.
-    state = torch.get_rng_state()
-    runs = [widgets.sweep(model, task, [0.5, 0.9], methods=("random",), scopes=("global",), seed=s) for s in (0, 1)]
-    assert torch.equal(torch.get_rng_state(), state), "sweep leaves the caller's RNG alone"
-    per_seed = widgets.curves(runs, metric="loss")
-    xs, values = per_seed["random, global, unstructured"]
-    assert xs == [0.5, 0.9] and values.shape == (2, 2)
-    assert values[1, 1] == runs[1][("random", "global", None, 0.9)]["loss"]
-    ax = viz.accuracy_vs_sparsity(per_seed)
-    assert len(ax.lines) == 1 and len(ax.collections) == 1
-    with pytest.raises(ValueError, match="fixed fields"):
-        widgets.curves(results, seed=0)
-
-
-def test_sweep_records_invalid_combinations_instead_of_raising(results):
-    record = results[("magnitude", "global", (2, 4), 0.9)]
-    assert "1 - n/m" in record["skipped"]
-    assert record["masks"] is None and np.isnan(record["accuracy"])
-
-
-def test_sweep_budget_scopes_finetune_and_validation(trained):
-    model, task = trained
-    calls = []
-
-    def finetune(m):  # sets every stored weight to 1: the masks must still hold
-        calls.append(1)
-        sl.set_weights(m, {n: torch.ones_like(v) for n, v in sl.prunable(m).items()})
-
-    out = widgets.sweep(model, task, [0.8], methods=("magnitude",), scopes=("erk",), finetune=finetune)
-    record = out[("magnitude", "erk", None, 0.8)]
-    assert len(calls) == 1
-    erk = sl.budgets.erk(model, 0.8)
-    for name, mask in record["masks"].items():
-        assert abs(record["densities"][name] - (1 - erk[name])) <= 1 / mask.numel()
-    with pytest.raises(ValueError, match="method"):
-        widgets.sweep(model, task, [0.5], methods=("magnitudes",))
-    with pytest.raises(ValueError, match="scopes"):
-        widgets.sweep(model, task, [0.5], scopes=("local",))
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        widgets.sweep(model, task, [1.0])
-    with pytest.raises(TypeError, match="finetune"):
-        widgets.sweep(model, task, [0.5], finetune="yes")
+    return sl.experiments.sweep(model, task, [0.0, 0.5, 0.9], structures=(None, (2, 4)))
 
 
 # ---------------------------------------------------------------------------------------- pruning explorer
@@ -361,7 +326,8 @@ def test_pruning_explorer_responds_without_pruning_or_training(results, monkeypa
     def forbidden(*args, **kwargs):
         raise AssertionError("the explorer must only look up precomputed results")
 
-    monkeypatch.setattr(widgets, "prune", forbidden)
+    monkeypatch.setattr(sl.experiments, "prune", forbidden)
+    monkeypatch.setattr(sl.pruning, "prune", forbidden)
     monkeypatch.setattr(sl.train, "evaluate", forbidden)
     monkeypatch.setattr(sl.train, "fit", forbidden)
 
@@ -390,3 +356,38 @@ def test_pruning_explorer_hides_single_valued_pickers(results):
     assert list(explorer.controls) == ["sparsity", "scope"]
     explorer.controls["scope"].value = "layerwise"
     assert explorer.last_record is results[("magnitude", "layerwise", None, 0.9)]
+
+
+# ---------------------------------------------------------------------------------------------- show_source
+def _example(x, y=2):
+    """A docstring.
+
+    Two lines."""
+    if x < 0:
+        raise ValueError("x")
+    total = x + y
+    return total * 2
+
+
+def test_show_source_shows_the_code_with_its_origin_and_highlighting():
+    import inspect
+    import re
+
+    lines, first = inspect.getsourcelines(_example)
+    code = viz.show_source(_example)
+    assert str(code).splitlines() == [lines[0].rstrip("\n")] + [line.rstrip("\n") for line in lines[4:]]
+    assert code.title.endswith(f"lines {first}-{first + len(lines) - 1}: _example")
+    assert "Two lines" in str(viz.show_source(_example, docstring=True))
+    cut = str(viz.show_source(_example, start="total =", end="total ="))
+    assert cut.splitlines() == ["def _example(x, y=2):", "    ...  # 2 lines left out (argument checks, set-up)",
+                                "    total = x + y", "    ...  # 1 more lines"]
+    with pytest.raises(ValueError, match="start='nowhere'"):
+        viz.show_source(_example, start="nowhere")
+    with pytest.raises(TypeError, match="obj must be"):
+        viz.show_source(3)
+    html = viz.show_source(sl.lottery.imp, start="def target")._repr_html_()
+    assert "style=" in html and "class=\"sl-source\"" in html and "sparsity_lib/lottery.py" in html
+    text = re.sub(r"<[^>]+>", "", html)
+    assert "for r in range(1, rounds + 1):" in text.replace("&gt;", ">").replace("&lt;", "<")
+    markdown = viz.show_source(_example)._repr_markdown_()
+    assert markdown.split("\n")[2] == "```python" and markdown.endswith("```")

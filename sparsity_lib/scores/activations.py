@@ -32,7 +32,6 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
-from . import register
 from ._common import (batch_size, batches, broadcast_rows, check_loss_fn, layer_samples, neuron_sum_per_example,
                       scoring, weighted_average)
 
@@ -137,8 +136,7 @@ def output_sensitivity_per_neuron(model: nn.Module, data, num_batches: Optional[
     return {n: (acc[n] / total).sqrt().float() for n in modules}
 
 
-# -------------------------------------------------------------------------------------- registered methods
-@register("apoz", needs_data=True, description="1 - APoZ: keep neurons that are rarely zero (Hu et al. 2016)")
+# ----------------------------------------------------- the methods of the catalogue (sparsity_lib/catalogue.py)
 def apoz(model: nn.Module, data=None, loss_fn=None, activation: Activation = "relu",
          num_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Keep score ``1 - APoZ_j`` (Average Percentage of Zeros, Hu et al. {cite}`hu2016network`), broadcast to
@@ -153,7 +151,6 @@ def apoz(model: nn.Module, data=None, loss_fn=None, activation: Activation = "re
         return broadcast_rows({n: 1.0 - s["apoz"] for n, s in stats.items()}, modules)
 
 
-@register("mean_activation", needs_data=True, description="mean |activation| of each neuron (energy, DropNet)")
 def mean_activation(model: nn.Module, data=None, loss_fn=None, activation: Activation = "relu",
                     num_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Keep score ``(1/N) sum_n |activation(z_nj)|`` (mean absolute activation of neuron j), broadcast to its
@@ -164,7 +161,6 @@ def mean_activation(model: nn.Module, data=None, loss_fn=None, activation: Activ
         return broadcast_rows({n: s["mean_abs"] for n, s in stats.items()}, modules)
 
 
-@register("output_sensitivity", needs_data=True, description="RMS sensitivity of the network output to each neuron")
 def output_sensitivity(model: nn.Module, data=None, loss_fn=None,
                        num_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Keep score ``S_j = sqrt(mean_{n,k} (d f_k(x_n) / d z_j)^2)`` (see :func:`output_sensitivity_per_neuron`),

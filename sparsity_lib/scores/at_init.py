@@ -25,7 +25,7 @@ from torch import nn
 
 from ..masks import _check_has_prunable, _original, apply_masks
 from ..select import is_n_m
-from . import Plan, register, register_pruner
+from . import Plan
 from ._common import (batch_size, batches, check_loss_fn, check_num_batches, effective_weights, scoring,
                       weight_params)
 from .first_order import _grads
@@ -43,7 +43,6 @@ def _mean_gradient(model, params, items, loss_fn, temperature=None):
 
 
 # --------------------------------------------------------------------------------------------------- SNIP
-@register("snip", needs_data=True, description="connection sensitivity |g*w| on one batch (Lee et al. 2019)")
 def snip(model: nn.Module, data=None, loss_fn=None, num_batches: Optional[int] = 1,
          normalize: bool = True) -> Dict[str, torch.Tensor]:
     """SNIP connection sensitivity (Lee et al. {cite}`lee2019snip`, eq. 6; survey §2.4.3)::
@@ -103,7 +102,6 @@ def hessian_gradient_product(model: nn.Module, data, loss_fn=None, num_batches: 
     return g, hg
 
 
-@register("grasp", needs_data=True, description="gradient signal preservation: keep by w*Hg (Wang et al. 2020)")
 def grasp(model: nn.Module, data=None, loss_fn=None, num_batches: Optional[int] = 1, temperature: float = 200.0,
           invert: bool = False) -> Dict[str, torch.Tensor]:
     """GraSP, Gradient Signal Preservation (Wang et al. {cite}`wang2020picking`, eq. 8; survey §2.4.3).
@@ -240,7 +238,6 @@ def _max_normalized(scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {n: s.float() for n, s in scores.items()}
 
 
-@register_pruner("synflow", description="iterative synaptic flow, data-free (Tanaka et al. 2020)")
 def synflow_pruner(model: nn.Module, plan: Plan, input_shape: Optional[Sequence[int]] = None, rounds: int = 100):
     """Iterative SynFlow (Tanaka et al. {cite}`tanaka2020pruning`, Algorithm 1): for ``k = 1..rounds`` score the
     masked network with :func:`synflow` and prune to the exponentially scheduled sparsity::

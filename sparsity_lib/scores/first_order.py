@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..masks import _check_has_prunable, _original
-from . import register
 from ._common import batches, broadcast_rows, check_loss_fn, effective_weights, scoring, weight_params
 
 
@@ -40,7 +39,6 @@ def _grads(model, params: Dict[str, torch.Tensor], x, y, loss_fn, create_graph: 
 
 
 # ------------------------------------------------------------------------------------------------- Taylor
-@register("taylor", needs_data=True, description="(g*w)^2 averaged over batches (Molchanov et al. 2019)")
 def taylor(model: nn.Module, data=None, loss_fn=None, num_batches: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """First-order Taylor score of every weight (Molchanov et al. {cite}`molchanov2019importance`, eq. 6;
     survey §3.4)::
@@ -97,8 +95,6 @@ def taylor_per_neuron(model: nn.Module, data, loss_fn=None, num_batches: Optiona
         return {n: a / len(items) for n, a in acc.items()}
 
 
-@register("taylor_neuron", needs_data=True,
-          description="neuron Taylor (sum_row g*w + g_b*b)^2, broadcast to the row: use structure='neuron'")
 def taylor_neuron(model: nn.Module, data=None, loss_fn=None, num_batches: Optional[int] = None,
                   include_bias: bool = True) -> Dict[str, torch.Tensor]:
     """The neuron score of :func:`taylor_per_neuron` given to every weight of the neuron (shaped like the
@@ -179,7 +175,6 @@ class MovementScore:
         return f"MovementScore(layers={len(self._score)}, steps={self.steps})"
 
 
-@register("movement", description="-sum_t g*w accumulated during fine-tuning by a MovementScore (Sanh et al. 2020)")
 def movement(model: nn.Module, movement: Optional[MovementScore] = None) -> Dict[str, torch.Tensor]:
     """The movement scores ``S = -sum_t g^(t) w^(t)`` accumulated by ``movement`` (a :class:`MovementScore` that
     was passed as a callback to the training loop). Sanh et al. {cite}`sanh2020movement`; survey §3.4.
