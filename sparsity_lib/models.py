@@ -286,3 +286,55 @@ def shrink_mlp(model: MLP) -> MLP:
 
 
 __all__ += ["shrink_mlp"]
+
+
+# ------------------------------------------------------------------------------------- Chapter 12: ResNet-like CNN
+class ResidualBlock(nn.Module):
+    """``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``, 3x3 convolutions without bias (He et al. {cite}`he2016deep`).
+
+    The addition couples ``conv2``'s output channels with those of whatever produced ``x``: they can only be
+    removed together (:mod:`sparsity_lib.structure`)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResidualCNN(nn.Module):
+    """A small residual CNN with batch norm for 8x8 images (Chapter 12): ``stem`` (conv 1->c, BN, ReLU), ``blocks``
+    (:class:`ResidualBlock` with ``hidden`` inner channels each), 2x2 max-pool, flatten, ``fc`` (c*4*4 -> classes).
+
+    Accepts ``(N, 64)`` or ``(N, 1, 8, 8)``. The stem and every block's ``conv2`` write into one residual stream:
+    one coupled channel group of ``c`` channels; each block's ``conv1`` is a group of its own."""
+
+    def __init__(self, channels: int = 16, hidden: int = 16, num_blocks: int = 2, num_classes: int = 10):
+        super().__init__()
+        for value, name in ((channels, "channels"), (hidden, "hidden"), (num_blocks, "num_blocks"),
+                            (num_classes, "num_classes")):
+            _check_positive_int(value, name)
+        self.stem = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(channels)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels, hidden) for _ in range(num_blocks)])
+        self.fc = nn.Linear(channels * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], 1, 8, 8)
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = self.blocks(x)
+        return self.fc(F.max_pool2d(x, 2).flatten(1))
+
+
+def residual_cnn(channels: int = 16, hidden: int = 16, num_blocks: int = 2, num_classes: int = 10, *,
+                 seed: Optional[int] = 0) -> ResidualCNN:
+    """A :class:`ResidualCNN` with weights drawn from ``seed``."""
+    with _seeded(seed):
+        return ResidualCNN(channels, hidden, num_blocks, num_classes)
+
+
+__all__ += ["ResidualBlock", "ResidualCNN", "residual_cnn"]
