@@ -13,8 +13,9 @@ groups here from the computation graph itself (``torch.fx``), written from these
   positions it covers; ``cat`` along channels concatenates atoms;
 * an addition ``a + b`` *unifies* the atoms of ``a`` and ``b`` position by position (union-find).
 
-A channel (a class of unified atoms) can be removed exactly when its value is zero in every tensor that carries it,
-for every input. That is decided from the weights: a Conv/Linear output is identically zero when its row is zero on
+A channel (a class of unified atoms) can be removed exactly when its value is zero, for every input, in every
+tensor that carries it and is read by a Conv/Linear layer or returned (a convolution output that only feeds a batch
+norm with :math:`\\gamma = \\beta = 0` may be anything). That is decided from the weights: a Conv/Linear output is identically zero when its row is zero on
 the live input channels and its bias is zero; a batch norm output (eval mode) when its scale and shift are zero
 (network slimming's :math:`\\gamma = 0`, Liu et al. {cite}`liu2017learning`); ``a + b`` when both are. The model's
 input and output channels are never removed. :func:`compact` then slices every member of every group and checks
@@ -133,6 +134,7 @@ class _Analysis:
         self.frozen_atoms: List[torch.Tensor] = []
         self.layers: Dict[str, dict] = {}   # name -> {"in": atoms, "out": atoms}
         self.norms: Dict[str, torch.Tensor] = {}
+        self.consumed: List[fx.Node] = []  # tensors read by a Conv/Linear or returned: only their values matter
         self._walk()
 
     @staticmethod
@@ -165,6 +167,7 @@ class _Analysis:
                 for arg in node.all_input_nodes:
                     if arg in self.atoms:
                         self.frozen_atoms.append(self.atoms[arg])
+                        self.consumed.append(arg)
                 continue
             if node.op == "get_attr":
                 self._refuse(node, "a parameter used directly in forward")
@@ -222,6 +225,7 @@ class _Analysis:
         if module.bias is not None:
             dead_out &= module.bias.detach() == 0
         out = self.uf.fresh(w.shape[0])
+        self.consumed.append(src)
         self.layers[name] = {"in": self.atoms[src], "out": out}
         self.atoms[node], self.dead[node] = out, dead_out
 
@@ -327,8 +331,8 @@ class _Analysis:
 
     def removable_roots(self) -> set:
         alive, frozen = set(), set()
-        for node, atoms in self.atoms.items():
-            roots = self.uf.roots(atoms)
+        for node in self.consumed:
+            roots = self.uf.roots(self.atoms[node])
             alive.update(roots[~self.dead[node]].tolist())
         for atoms in self.frozen_atoms:
             frozen.update(self.uf.roots(atoms).tolist())
@@ -424,7 +428,7 @@ def _channel_vectors(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {name: w.detach() for name, w in prunable(model).items()}
 
 
-def l1_filter(model: nn.Module, data=None, loss_fn=None) -> Dict[str, torch.Tensor]:
+def l1_filter(model: nn.Module) -> Dict[str, torch.Tensor]:
     """L1 filter norm (Li et al. {cite}`li2017pruning`): every weight of output row / filter :math:`j` gets
     :math:`s_j = \\sum_{i} |W_{j,i}|` (all input channels and kernel positions). Use with ``structure="neuron"``.
     Survey §3.2, §6.1."""
@@ -447,7 +451,7 @@ def _bn_after(model: nn.Module) -> Dict[str, str]:
     return found
 
 
-def bn_scale(model: nn.Module, data=None, loss_fn=None) -> Dict[str, torch.Tensor]:
+def bn_scale(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Batch-norm scale (network slimming, Liu et al. {cite}`liu2017learning`): every weight of output channel
     :math:`j` of a layer followed by a batch norm gets :math:`|\\gamma_j|`. Layers with no batch norm after them get
     ``+inf`` (this score never removes them: exclude them or choose another score). Survey §3.6, §6.1."""
@@ -519,7 +523,10 @@ def prune_channels(model: nn.Module, amount: float, example_input: torch.Tensor,
             raise ValueError(f"score must be one of {sorted(CHANNEL_SCORES)} or a function, got {score!r}")
         score = CHANNEL_SCORES[score]
     groups = channel_groups(model, example_input) if groups is None else groups
-    scores = score(model, data=data, loss_fn=loss_fn)
+    import inspect
+
+    takes_data = "data" in inspect.signature(score).parameters
+    scores = score(model, data=data, loss_fn=loss_fn) if takes_data else score(model)
     masks = get_masks(model)
     new_masks, keeps = {}, {}
     for gi, group in enumerate(groups):
