@@ -557,10 +557,36 @@ def prune_channels(model: nn.Module, amount: float, example_input: torch.Tensor,
     return keeps
 
 
+def flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-adds of the Conv/Linear layers of one forward pass on ``example_input``, divided by the batch size:
+    :math:`c_{out}\, (c_{in}/g)\, k\, \cdot` output positions for a convolution, :math:`n_{out} n_{in}` per
+    row for a Linear. Masked zeros are counted (a masked model runs dense kernels); compaction is what lowers it."""
+    total = [0]
+
+    def hook(module, inputs, output):
+        w = module.weight
+        if isinstance(module, nn.Linear):
+            total[0] += w.shape[0] * w.shape[1] * (output.numel() // output.shape[-1])
+        else:
+            total[0] += w[0].numel() * output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return total[0] // example_input.shape[0]
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (what a compacted model stores; masks are not subtracted)."""
     return sum(p.numel() for p in model.parameters())
 
 
 __all__ = ["ChannelGroup", "channel_groups", "compact", "l1_filter", "bn_scale", "taylor_channel", "CHANNEL_SCORES",
-           "ChannelMask", "prune_channels", "count_parameters"]
+           "ChannelMask", "prune_channels", "flops", "count_parameters"]

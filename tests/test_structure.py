@@ -209,3 +209,9 @@ def test_prune_channels_validates():
     with pytest.raises(ValueError, match="score"):
         st.prune_channels(model, 0.5, torch.randn(2, 64), score="nope")
     assert not sl.masks.is_masked(model)
+
+
+def test_flops_closed_form():
+    model = ConvChain()
+    expected = 8 * 3 * 9 * 64 + 6 * 8 * 9 * 64 + 96 * 12 + 12 * 5
+    assert st.flops(model, torch.randn(2, 3, 8, 8)) == expected
