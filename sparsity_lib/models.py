@@ -376,6 +376,8 @@ class MultiHeadAttention(nn.Module):
         scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5            # (N, H, L, L)
         if self.pattern is not None:
             scores = scores.masked_fill(~self.pattern[:length, :length].to(scores.device), float("-inf"))
+        if self.topk is not None and self.topk > length:
+            raise ValueError(f"topk must be <= the sequence length {length} (keys per query), got {self.topk}")
         if self.topk is not None and self.topk < length:
             kth = scores.topk(self.topk, dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -559,7 +559,7 @@ def prune_channels(model: nn.Module, amount: float, example_input: torch.Tensor,
 
 def flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-adds of the Conv/Linear layers of one forward pass on ``example_input``, divided by the batch size:
-    :math:`c_{out}\, (c_{in}/g)\, k\, \cdot` output positions for a convolution, :math:`n_{out} n_{in}` per
+    :math:`c_{out}\\, (c_{in}/g)\\, k \\cdot` output positions for a convolution, :math:`n_{out} n_{in}` per
     row for a Linear. Masked zeros are counted (a masked model runs dense kernels); compaction is what lowers it."""
     total = [0]
 

@@ -84,6 +84,9 @@ def test_attention_with_pattern_matches_reference_and_full_equals_dense():
     attn.pattern, attn.topk = None, 3
     attn(x)
     assert ((attn.last_attention > 0).sum(-1) == 3).all()
+    attn.topk = 10
+    with pytest.raises(ValueError, match="topk"):
+        attn(x)
     at.set_pattern(model, None, None)
     torch.testing.assert_close(model(tokens), dense)
 
