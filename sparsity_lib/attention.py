@@ -1,7 +1,7 @@
 """Sparse attention: boolean (query, key) patterns, head importance and head pruning.
 
 **Patterns.** A pattern is a bool tensor ``M`` of shape ``(L, L)``; ``M[i, j]`` says whether query ``i`` may attend
-to key ``j``. Attention with a pattern is :math:`\\mathrm{softmax}(QK^\\top/\\sqrt{d} + \\log M)V` (eq. 12.3 of the
+to key ``j``. Attention with a pattern is :math:`\\mathrm{softmax}(QK^\\top/\\sqrt{d} + \\log M)V` (eq. 12.2 of the
 chapter): disallowed pairs get weight exactly zero, and the cost of the score and value products is the number of
 allowed pairs, :math:`\\mathrm{nnz}(M)`, instead of :math:`L^2` (survey §6.2.3):
 
