@@ -224,6 +224,35 @@ def head_importance_scores(model: nn.Module, data=None, loss_fn=None) -> Dict[st
     return out
 
 
+def compact_heads(model: nn.Module) -> nn.Module:
+    """The smaller dense transformer that head pruning leaves: for every attention, the rows of ``q``, ``k``, ``v``
+    (weights and biases) and the columns of ``out`` of the heads whose gate is 0 are deleted and ``num_heads``
+    lowered; the model width (the residual stream) is unchanged. Masks are baked in, gates of the kept heads kept.
+    Outputs equal the gated model's. A layer whose heads are all pruned keeps one head with gate 0 (it contributes
+    nothing). ``model`` is unchanged. Each removed head saves :math:`d_h (4d + 3)` parameters. Survey §6.2.1."""
+    from .structure import _baked_copy
+
+    attention_modules(model)   # refuses a model without head gates
+    new = _baked_copy(model)
+    with torch.no_grad():
+        for module in attention_modules(new).values():
+            keep = (module.head_gate != 0).nonzero().flatten()
+            if keep.numel() == 0:
+                keep = torch.zeros(1, dtype=torch.long)
+            rows = (keep[:, None] * module.head_dim + torch.arange(module.head_dim)).flatten()
+            for proj in (module.q, module.k, module.v):
+                proj.weight = nn.Parameter(proj.weight.detach()[rows].clone())
+                if proj.bias is not None:
+                    proj.bias = nn.Parameter(proj.bias.detach()[rows].clone())
+                proj.out_features = len(rows)
+            module.out.weight = nn.Parameter(module.out.weight.detach()[:, rows].clone())
+            module.out.in_features = len(rows)
+            module.head_gate = module.head_gate[keep].clone()
+            module.num_heads = len(keep)
+    new.train(model.training)
+    return new
+
+
 def attention_flops(length: int, dim: int, pattern: Optional[torch.Tensor] = None) -> int:
     """Multiply-adds of one attention's score and value products: :math:`2\\, d\\, \\mathrm{nnz}(M)` (dense:
     :math:`2 d L^2`, quadratic in the length)."""
@@ -233,4 +262,4 @@ def attention_flops(length: int, dim: int, pattern: Optional[torch.Tensor] = Non
 
 __all__ = ["full", "local_window", "strided", "global_window", "bigbird", "topk_pattern", "pattern_density",
            "attention_modules", "set_pattern", "head_importance", "prune_heads", "head_importance_scores",
-           "attention_flops"]
+           "compact_heads", "attention_flops"]

@@ -391,12 +391,17 @@ def compact(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> n
     Covers the book's MLPs through :func:`sparsity_lib.models.shrink_mlp` (constant neurons folded into the next
     bias; outputs equal to the masked model's). Any other model is handed to
     :func:`sparsity_lib.structure.compact` (Conv/BatchNorm/Linear chains with residual groups, Chapter 12), which
-    traces it on ``example_input`` (required then) and refuses patterns it cannot follow.
+    traces it on ``example_input`` (required then) and refuses patterns it cannot follow; the book's
+    :class:`~sparsity_lib.models.TinyTransformer` loses its pruned heads (:func:`sparsity_lib.attention.compact_heads`).
     """
-    from .models import MLP, shrink_mlp
+    from .models import MLP, TinyTransformer, shrink_mlp
 
     if isinstance(model, MLP):
         return shrink_mlp(model)
+    if isinstance(model, TinyTransformer):   # heads whose gate is 0 go (sparsity_lib.attention.compact_heads)
+        from .attention import compact_heads
+
+        return compact_heads(model)
     if example_input is None:
         raise TypeError(f"compact of a {type(model).__name__} (not a sparsity_lib.models.MLP) needs example_input, "
                         f"one batch of inputs to trace it on (sparsity_lib.structure.compact, Chapter 12)")

@@ -386,7 +386,7 @@ class MultiHeadAttention(nn.Module):
         heads = attention @ v                                                   # (N, H, L, d_h)
         gate = self.head_gate if gate is None else gate
         heads = heads * gate.reshape(1, -1, 1, 1)
-        return self.out(heads.transpose(1, 2).reshape(n, length, self.dim))
+        return self.out(heads.transpose(1, 2).reshape(n, length, self.num_heads * self.head_dim))
 
 
 class TransformerBlock(nn.Module):

@@ -153,3 +153,21 @@ def test_transformer_layers_are_prunable_and_task_is_well_formed():
     assert {"blocks.0.attn.q.weight", "blocks.0.attn.out.weight", "blocks.0.fc1.weight", "head.weight"} <= set(sl.prunable(model))
     sl.prune(model, 0.5, structure=(2, 4), scope="layerwise")
     assert model(x).shape == (50, 4)
+
+
+def test_compact_heads_equals_gated_model_with_implied_parameters():
+    model, tokens = _model_and_tokens(4)
+    sl.prune(model, 0.3, scope="layerwise")                 # unstructured masks are baked in too
+    model.blocks[0].attn.head_gate.copy_(torch.tensor([1.0, 0.0, 0.7, 0.0]))
+    model.blocks[1].attn.head_gate.zero_()
+    small = at.compact_heads(model)
+    torch.testing.assert_close(small(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+    assert [a.num_heads for a in small.attentions()] == [2, 1]
+    assert small.blocks[0].attn.q.weight.shape == (8, 16) and small.blocks[0].attn.out.weight.shape == (16, 8)
+    d, dh = 16, 4
+    removed = 5 * dh * (4 * d + 3)
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in model.parameters()) - removed
+    assert model.blocks[0].attn.num_heads == 4 and sl.masks.is_masked(model)
+    with pytest.raises(ValueError, match="head_gate"):
+        at.compact_heads(sl.models.mlp(seed=0))
+    torch.testing.assert_close(sl.export.compact(model)(tokens), model(tokens), atol=1e-5, rtol=1e-5)
