@@ -840,45 +840,5 @@ def compare(task, model_fn: Callable[[int], nn.Module], methods: Sequence[str], 
     return records
 
 
-def dst_step_benchmark(steps: int = 50, warmup: int = 5, sparsity: float = 0.9, batch_size: int = 64,
-                       update_every: int = 100) -> List[dict]:
-    """Median seconds of a training step of LeNet-300-100 on digits (forward, backward, ``step()``, SGD step)
-    for a static mask, SET, RigL and SNFS at ``sparsity``; rows for ``make bench``: a DST step vs a static masked
-    step. RigL is timed twice: on an update step (``update_every=1``: dense gradient, drop and grow every step)
-    and amortized over ``update_every`` steps (the dense-gradient recording happens only on update steps).
-    Returns ``[{"method", "ms", "vs static"}, ...]``."""
-    import statistics
-
-    from . import data, models
-    from torch.nn import functional as F
-
-    task = data.digits(seed=0)
-    batches = task.batches(batch_size, seed=0, drop_last=True)
-    variants = {"static mask": (Static, {}), "SET (update every step)": (SET, dict(update_every=1)),
-                "RigL (update every step)": (RigL, dict(update_every=1)),
-                f"RigL (update every {update_every})": (RigL, dict(update_every=update_every)),
-                "SNFS (dense gradient every step)": (SNFS, dict(update_every=update_every))}
-    nets = {}
-    for label, (cls, options) in variants.items():
-        model = models.lenet_300_100(seed=0)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        nets[label] = (model, opt, cls(model, opt, sparsity, end=10 ** 9, alpha=0.1, schedule="constant",
-                                       **options))
-    times = {label: [] for label in variants}
-    for i in range(warmup + steps):
-        x, y = batches[i % len(batches)]
-        for label, (model, opt, dst) in nets.items():
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            dst.step()
-            opt.step()
-            if i >= warmup:
-                times[label].append(time.perf_counter() - start)
-    base = statistics.median(times["static mask"])
-    return [{"method": label, "ms": 1e3 * statistics.median(t), "vs static": statistics.median(t) / base}
-            for label, t in times.items()]
-
-
 __all__ = ["DynamicSparsity", "Static", "SET", "RigL", "DeepR", "SNFS", "DSR", "TopKAST", "METHODS", "cosine_fraction",
-           "apportion", "drop_then_grow", "train_sparse", "compare", "dst_step_benchmark", "DISTRIBUTIONS", "SCHEDULES"]
+           "apportion", "drop_then_grow", "train_sparse", "compare", "DISTRIBUTIONS", "SCHEDULES"]

@@ -365,7 +365,8 @@ def test_compare_records_costs_and_exploration():
 
 
 def test_dst_step_benchmark_rows():
-    rows = growth.dst_step_benchmark(steps=2, warmup=1)
+    from sparsity_lib.bench.growth import dst_step_benchmark
+    rows = dst_step_benchmark(steps=2, warmup=1)
     assert [r["method"] for r in rows][0] == "static mask" and rows[0]["vs static"] == 1.0
     assert len(rows) == 5 and all(r["ms"] > 0 for r in rows)
 
