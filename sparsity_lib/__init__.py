@@ -15,13 +15,13 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .masks import dense_gradients, replace_masks, reset_optimizer_state, track_dense_gradients, trainable
 from .pruning import prune
-from . import compare, data, formats, hessian, lottery, models, train, viz, widgets  # noqa: E402  (register methods)
+from . import compare, data, formats, hessian, lottery, models, regularize, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "dense_gradients", "replace_masks", "reset_optimizer_state", "track_dense_gradients", "trainable",
-    "budgets", "compare", "config", "data", "formats", "hessian", "lottery", "models", "schedules", "scores",
-    "select", "train", "viz", "widgets",
+    "budgets", "compare", "config", "data", "formats", "hessian", "lottery", "models", "regularize", "schedules",
+    "scores", "select", "train", "viz", "widgets",
 ]
