@@ -537,7 +537,8 @@ def compare_methods(task, seeds: Sequence[int], *, sparsities: Sequence[float] =
                     l0_strengths: Sequence[float] = (0.1, 1.0), vd_strengths: Sequence[float] = (1.0,),
                     methods: Sequence[str] = METHODS, hidden: Sequence[int] = (300, 100), epochs: int = 20,
                     lr: float = 0.01, gate_lr: float = 0.1, batch_size: int = 128, init_drop: float = 0.1,
-                    model_fn: Optional[Callable[[int], nn.Module]] = None, keep: str = "first") -> List[dict]:
+                    model_fn: Optional[Callable[[int], nn.Module]] = None, keep: str = "first",
+                    match: Sequence[str] = ()) -> List[dict]:
     """Gradual magnitude pruning vs L0 gates vs sparse VD vs random pruning on one task (Gale et al.'s comparison).
 
     For every seed, every method trains a fresh MLP ``in -> hidden -> classes`` (or ``model_fn(seed)``) from the
@@ -560,12 +561,16 @@ def compare_methods(task, seeds: Sequence[int], *, sparsities: Sequence[float] =
     steps only), ``steps``, ``memory`` (:func:`training_memory` at ``batch_size``); for the first seed (``keep=
     "first"``) or every seed (``"all"``) also ``masks``, and for VD ``log_alpha`` (flat) and ``magnitude_iou``
     (IoU of VD's kept weights with the global magnitude mask of its own trained :math:`\\theta` at the same
-    sparsity). Methods run interleaved per seed, so machine load affects them alike.
+    sparsity). With ``match=("l0", "vd")`` GMP also runs, in the same seed, at every sparsity those methods
+    reached (a paired comparison at equal sparsity; its records carry ``match = (method, strength)`` and
+    ``strength`` = that sparsity, capped at 0.999). Methods run interleaved per seed, so machine load affects
+    them alike.
     """
-    from . import models, schedules, train
-    from .compare import iou
-    from .pruning import prune
+    from . import models
 
+    unknown = [m for m in match if m not in ("l0", "vd")]
+    if unknown:
+        raise ValueError(f"match: only 'l0' and 'vd' have learned sparsities to match, got {unknown}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods: unknown {unknown}; known are {METHODS}")
@@ -582,58 +587,83 @@ def compare_methods(task, seeds: Sequence[int], *, sparsities: Sequence[float] =
     recipe = dict(epochs=epochs, batch_size=batch_size, eval_every=epochs, progress=False)
     if model_fn is None:
         def model_fn(seed):
-            return models.mlp(task.input_shape[0] if len(task.input_shape) == 1 else int(math.prod(task.input_shape)),
-                              tuple(hidden), task.num_classes, seed=seed)
+            return models.mlp(task.in_features, tuple(hidden), task.num_classes, seed=seed)
 
-    runs = [(m, s) for m in methods for s in
+    order = [m for m in ("l0", "vd", "gmp", "random") if m in methods]   # learned sparsities first (matching)
+    runs = [(m, s) for m in order for s in
             {"gmp": sparsities, "random": sparsities, "l0": l0_strengths, "vd": vd_strengths}[m]]
     records = []
     for i, seed in enumerate(seeds):
         init = model_fn(seed)
         probe = next(iter(task.batches(batch_size, seed=seed)))
-        for method, strength in runs:
-            model = copy.deepcopy(init)
-            torch.manual_seed(1000 * seed + 7)
-            penalty, callbacks = None, []
-            if method == "gmp":
-                callbacks.append(schedules.GradualPruner(model, strength, begin=steps // 10, end=int(0.6 * steps),
-                                                         frequency=max(1, steps // 50)))
-            elif method == "random":
-                prune(model, strength, method="random", scope="global", seed=seed)
-            elif method == "l0":
-                add_l0_gates(model, init_drop=init_drop)
-                penalty = (lambda lam: lambda m: lam * l0_penalty(m) / n_train)(strength)
-            else:
-                add_variational_dropout(model)
-                penalty = (lambda beta: lambda m: beta * vd_penalty(m) / n_train)(strength)
-            extra = [p for n, p in model.named_parameters() if n.endswith(("log_alpha", "log_sigma2"))]
-            base = [p for n, p in model.named_parameters() if not n.endswith(("log_alpha", "log_sigma2"))]
-            groups = [{"params": base, "lr": lr}] + ([{"params": extra, "lr": gate_lr}] if extra else [])
-            clock = _StepClock()
-            train.fit(model, task, seed=seed, penalty=penalty, callbacks=[*callbacks, clock],
-                      optimizer=torch.optim.Adam(groups), **recipe)
-            model.train()
-            record = {"method": method, "strength": strength, "seed": seed, "steps": clock.steps,
-                      "seconds_per_step": clock.seconds_per_step(),
-                      "memory": training_memory(model, *probe, penalty=penalty)}  # trained: GMP is masked now
-            if method == "vd":
-                log_alpha = {n: la.detach().clone() for n, la in vd_log_alpha(model).items()}
-                theta = {n: p.detach().clone() for n, p in _bind_vd(model).items() for p in [p._owner_original]}
-            if method in ("l0", "vd"):
-                finalize(model)
-            model.eval()
-            kept = get_masks(model)
-            record["sparsity"] = _masks.sparsity(model)
-            record["accuracy"] = train.accuracy(model, task)
-            record["densities"] = {n: float(m.float().mean()) for n, m in kept.items()}
-            if keep == "all" or i == 0:
-                record["masks"] = kept
-            if method == "vd":
-                record["log_alpha"] = torch.cat([la.flatten() for la in log_alpha.values()]).numpy()
-                magnitude = _magnitude_masks(theta, record["sparsity"])
-                vd_masks = {n: log_alpha[n] < 3.0 for n in log_alpha}
-                record["magnitude_iou"] = iou(vd_masks, magnitude)
+        seed_runs = [(m, s, None) for m, s in runs]
+        for method, strength, matched in _with_matches(seed_runs, records, seed, match):
+            record = _one_run(method, strength, init, seed, task, probe, steps, recipe, lr, gate_lr, init_drop,
+                              n_train, keep_masks=keep == "all" or i == 0)
+            if matched is not None:
+                record["match"] = matched
             records.append(record)
+    return records
+
+
+def _with_matches(seed_runs, records, seed, match):
+    """Yield the runs of one seed; after the last learned run, GMP at each sparsity it reached (``match``)."""
+    for k, run in enumerate(seed_runs):
+        yield run
+        learned_done = run[0] in ("l0", "vd") and (k + 1 == len(seed_runs) or seed_runs[k + 1][0] not in ("l0", "vd"))
+        if learned_done:
+            for r in [r for r in records if r["seed"] == seed and r["method"] in match]:
+                yield "gmp", min(r["sparsity"], 0.999), (r["method"], r["strength"])
+
+
+def _one_run(method, strength, init, seed, task, probe, steps, recipe, lr, gate_lr, init_drop, n_train,
+             keep_masks):
+    """Train one copy of ``init`` with one method; the record of :func:`compare_methods`."""
+    from . import schedules, train
+    from .compare import iou
+    from .pruning import prune
+
+    model = copy.deepcopy(init)
+    torch.manual_seed(1000 * seed + 7)
+    penalty, callbacks = None, []
+    if method == "gmp":
+        callbacks.append(schedules.GradualPruner(model, strength, begin=steps // 10, end=int(0.6 * steps),
+                                                 frequency=max(1, steps // 50)))
+    elif method == "random":
+        prune(model, strength, method="random", scope="global", seed=seed)
+    elif method == "l0":
+        add_l0_gates(model, init_drop=init_drop)
+        penalty = (lambda lam: lambda m: lam * l0_penalty(m) / n_train)(strength)
+    else:
+        add_variational_dropout(model)
+        penalty = (lambda beta: lambda m: beta * vd_penalty(m) / n_train)(strength)
+    extra = [p for n, p in model.named_parameters() if n.endswith(("log_alpha", "log_sigma2"))]
+    base = [p for n, p in model.named_parameters() if not n.endswith(("log_alpha", "log_sigma2"))]
+    groups = [{"params": base, "lr": lr}] + ([{"params": extra, "lr": gate_lr}] if extra else [])
+    clock = _StepClock()
+    train.fit(model, task, seed=seed, penalty=penalty, callbacks=[*callbacks, clock],
+              optimizer=torch.optim.Adam(groups), **recipe)
+    model.train()
+    record = {"method": method, "strength": strength, "seed": seed, "steps": clock.steps,
+              "seconds_per_step": clock.seconds_per_step(),
+              "memory": training_memory(model, *probe, penalty=penalty)}  # trained: GMP is masked now
+    if method == "vd":
+        log_alpha = {n: la.detach().clone() for n, la in vd_log_alpha(model).items()}
+        theta = {n: vd._owner_original.detach().clone() for n, vd in _bind_vd(model).items()}
+    if method in ("l0", "vd"):
+        finalize(model)
+    model.eval()
+    kept = get_masks(model)
+    record["sparsity"] = _masks.sparsity(model)
+    record["accuracy"] = train.accuracy(model, task)
+    record["densities"] = {n: float(m.float().mean()) for n, m in kept.items()}
+    if keep_masks:
+        record["masks"] = kept
+    if method == "vd":
+        record["log_alpha"] = torch.cat([la.flatten() for la in log_alpha.values()]).numpy()
+        magnitude = _magnitude_masks(theta, record["sparsity"])
+        record["magnitude_iou"] = iou({n: log_alpha[n] < 3.0 for n in log_alpha}, magnitude)
+    return record
     return records
 
 

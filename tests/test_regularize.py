@@ -336,15 +336,25 @@ def test_training_memory_counts_parameters_exactly():
 def test_compare_methods_records():
     task = sl.data.teacher_student(n_train=256, n_test=64, in_features=6, hidden=5, num_classes=3, seed=0)
     records = rg.compare_methods(task, [0, 1], sparsities=(0.5,), l0_strengths=(1.0,), vd_strengths=(0.1,),
-                                 hidden=(16,), epochs=2, batch_size=64)
-    assert [(r["method"], r["seed"]) for r in records] == [(m, s) for s in (0, 1) for m in rg.METHODS]
+                                 hidden=(16,), epochs=2, batch_size=64, match=("l0", "vd"))
+    order = ["l0", "vd", "gmp", "gmp", "gmp", "random"]   # learned first, then GMP at 0.5 and at the two matches
+    assert [(r["method"], r["seed"]) for r in records] == [(m, s) for s in (0, 1) for m in order]
+    for seed in (0, 1):
+        learned = {(r["method"], r["strength"]): r["sparsity"] for r in records if r["seed"] == seed and
+                   r["method"] in ("l0", "vd")}
+        twins = [r for r in records if r["seed"] == seed and "match" in r]
+        assert [t["match"] for t in twins] == list(learned)
+        for t in twins:   # GMP reached the learned sparsity (to one weight's rounding)
+            assert abs(t["sparsity"] - min(learned[t["match"]], 0.999)) < 1 / 100
     for r in records:
         assert 0 <= r["sparsity"] <= 1 and 0 <= r["accuracy"] <= 1 and r["steps"] == 8
         assert r["seconds_per_step"] > 0 and set(r["densities"]) == {"fc1.weight", "fc2.weight"}
         assert ("masks" in r) == (r["seed"] == 0)
-        if r["method"] in ("gmp", "random"):
+        if r["method"] in ("gmp", "random") and "match" not in r:
             assert math.isclose(r["sparsity"], 0.5, abs_tol=0.02)
     vd = [r for r in records if r["method"] == "vd"][0]
     assert vd["log_alpha"].shape == (6 * 16 + 16 * 3,) and 0 <= vd["magnitude_iou"] <= 1
     with pytest.raises(ValueError, match="methods"):
         rg.compare_methods(task, [0], methods=("obs",))
+    with pytest.raises(ValueError, match="match"):
+        rg.compare_methods(task, [0], match=("gmp",))
