@@ -87,7 +87,7 @@ def l1(model: nn.Module, strength: float = 1.0) -> torch.Tensor:
     """:math:`\\lambda \\sum_l \\lVert W_l \\rVert_1`: the L1 penalty (lasso) over the prunable weights.
 
     The convex relaxation of :math:`\\lambda \\lVert w \\rVert_0` (Tibshirani {cite}`tibshirani1996regression`;
-    for pruning Han et al. {cite}`han2015learning`). Survey §3.6.1. Use as
+    for pruning Han et al. {cite}`han2015learning`). Survey §3.6.2. Use as
     ``sl.train.fit(..., penalty=lambda m: sl.regularize.l1(m, 1e-4))``.
     """
     strength = _check_nonneg(strength, "strength")
@@ -100,7 +100,7 @@ def group_lasso(model: nn.Module, strength: float = 1.0, structure: str = "neuro
     Groups are the output rows of a Linear / output channels of a Conv (``"neuron"``) or the input columns /
     input channels (``"input"``); :math:`n_g` is the size of group :math:`g`. The norm is not squared, so whole
     groups reach zero together (Yuan & Lin {cite}`yuan2006model`; for networks Wen et al. {cite}`wen2016learning`).
-    Survey §3.6.2.
+    Survey §3.6.3.
     """
     strength = _check_nonneg(strength, "strength")
     structure = _check_structure(structure)
@@ -116,7 +116,7 @@ def hoyer_square(model: nn.Module, strength: float = 1.0) -> torch.Tensor:
 
     Between 1 (one nonzero) and the number of weights (all equal): it measures sparsity independently of the
     scale of the weights, so it does not shrink the weights it keeps as L1 does (Hoyer {cite}`hoyer2004non`;
-    Yang et al. {cite}`yang2020deephoyer`). Survey §3.6.3.
+    Yang et al. {cite}`yang2020deephoyer`). Survey §3.6 (beyond L1; cf. §3.6.4).
     """
     strength = _check_nonneg(strength, "strength")
     total = 0.0
@@ -131,7 +131,7 @@ def soft_threshold(w: torch.Tensor, threshold: float) -> torch.Tensor:
 
     After a gradient step with learning rate :math:`\\eta` on the loss alone, applying it with
     :math:`\\delta = \\eta \\lambda` is one step of proximal gradient descent (ISTA) on loss + :math:`\\lambda \\lVert w
-    \\rVert_1`; unlike a subgradient step it lands weights *exactly* on zero. Survey §3.6.1.
+    \\rVert_1`; unlike a subgradient step it lands weights *exactly* on zero. Survey §3.6.2.
     """
     threshold = _check_nonneg(threshold, "threshold")
     return torch.sign(w) * torch.clamp(w.abs() - threshold, min=0)
@@ -140,7 +140,7 @@ def soft_threshold(w: torch.Tensor, threshold: float) -> torch.Tensor:
 def group_soft_threshold(w: torch.Tensor, threshold: float, structure: str = "neuron") -> torch.Tensor:
     """Proximal operator of :math:`\\delta \\sum_g \\sqrt{n_g} \\lVert w_g \\rVert_2`: each group is scaled by
     :math:`\\max(0, 1 - \\delta \\sqrt{n_g} / \\lVert w_g \\rVert_2)` (zero when its norm is below
-    :math:`\\delta \\sqrt{n_g}`). Groups as in :func:`group_lasso`. Survey §3.6.2.
+    :math:`\\delta \\sqrt{n_g}`). Groups as in :func:`group_lasso`. Survey §3.6.3.
     """
     threshold = _check_nonneg(threshold, "threshold")
     structure = _check_structure(structure)
@@ -190,7 +190,7 @@ class Proximal:
 # ------------------------------------------------------------------------------------ hard-concrete gates
 def hard_concrete(log_alpha: torch.Tensor, u: Optional[torch.Tensor] = None, beta: float = BETA,
                   gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
-    """A hard-concrete gate (Louizos et al. {cite}`louizos2018learning`, Eq. 9-10; survey §3.6.4).
+    """A hard-concrete gate (Louizos et al. {cite}`louizos2018learning`, Eq. 9-10; survey §3.6.1).
 
     With noise ``u`` ~ U(0, 1) (training): :math:`s = \\sigma((\\log u - \\log(1-u) + \\log\\alpha)/\\beta)`,
     stretched to :math:`\\bar s = s(\\zeta - \\gamma) + \\gamma` and clamped, :math:`z = \\min(1, \\max(0, \\bar s))`:
@@ -211,7 +211,7 @@ def l0_expected(log_alpha: torch.Tensor, beta: float = BETA, gamma: float = GAMM
                 zeta: float = ZETA) -> torch.Tensor:
     """:math:`P(z \\ne 0) = \\sigma(\\log\\alpha - \\beta \\log(-\\gamma/\\zeta))` per gate (Louizos et al., Eq. 12).
 
-    Its sum is the expected :math:`\\ell_0` norm of the gates, differentiable in :math:`\\log\\alpha`. Survey §3.6.4.
+    Its sum is the expected :math:`\\ell_0` norm of the gates, differentiable in :math:`\\log\\alpha`. Survey §3.6.1.
     """
     beta, gamma, zeta = _check_concrete(beta, gamma, zeta)
     return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
@@ -279,7 +279,7 @@ def add_l0_gates(model: nn.Module, structure: Optional[str] = None, init_drop: f
 
     ``structure=None`` gates every weight; ``"neuron"`` one gate per output row / channel. ``log_alpha`` starts
     at :math:`\\log((1-p)/p)` (+ small noise) with ``p = init_drop``. Train with ``penalty=`` :func:`l0_penalty`
-    times a strength. Everything is checked before the model changes (gates twice: ``ValueError``). Survey §3.6.4.
+    times a strength. Everything is checked before the model changes (gates twice: ``ValueError``). Survey §3.6.1.
     """
     beta, gamma, zeta = _check_concrete(beta, gamma, zeta)
     if structure is not None and structure != "neuron":
@@ -305,7 +305,7 @@ def _find(model: nn.Module, kind) -> Dict[str, nn.Module]:
 
 def l0_penalty(model: nn.Module, reduction: str = "sum") -> torch.Tensor:
     """Expected number of nonzero weights under the gates, :math:`\\sum_g n_g\\, P(z_g \\ne 0)` (``"sum"``), or
-    that divided by the number of gated weights (``"mean"``: the expected density, in [0, 1]). Survey §3.6.4."""
+    that divided by the number of gated weights (``"mean"``: the expected density, in [0, 1]). Survey §3.6.1."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     gates = _find(model, L0Gate)
@@ -661,6 +661,8 @@ def _one_run(method, strength, init, seed, task, probe, steps, recipe, lr, gate_
         record["masks"] = kept
     if method == "vd":
         record["log_alpha"] = torch.cat([la.flatten() for la in log_alpha.values()]).numpy()
+        record["log_sigma2"] = torch.cat([(la + torch.log(theta[n] ** 2 + 1e-8)).flatten()
+                                          for n, la in log_alpha.items()]).numpy()
         magnitude = _magnitude_masks(theta, record["sparsity"])
         record["magnitude_iou"] = iou({n: log_alpha[n] < 3.0 for n in log_alpha}, magnitude)
     return record
