@@ -201,8 +201,14 @@ def hard_concrete(log_alpha: torch.Tensor, u: Optional[torch.Tensor] = None, bet
     if u is None:
         s = torch.sigmoid(log_alpha)
     else:
-        if u.shape != log_alpha.shape and torch.broadcast_shapes(u.shape, log_alpha.shape) != log_alpha.shape:
+        try:
+            fits = torch.broadcast_shapes(u.shape, log_alpha.shape) == log_alpha.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"u must broadcast to log_alpha's shape {tuple(log_alpha.shape)}, got {tuple(u.shape)}")
+        if not bool(((u > 0) & (u < 1)).all()):
+            raise ValueError("u must lie strictly between 0 and 1 (uniform noise; clamp it away from 0 and 1)")
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
     return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
 

@@ -114,6 +114,10 @@ def test_hard_concrete_formulas():
     assert torch.allclose(rg.hard_concrete(log_alpha, u), (s * (zeta - gamma) + gamma).clamp(0, 1))
     assert torch.allclose(rg.hard_concrete(log_alpha), (torch.sigmoid(log_alpha) * 1.2 - 0.1).clamp(0, 1))
     assert float(rg.hard_concrete(torch.tensor(-3.0))) == 0.0 and float(rg.hard_concrete(torch.tensor(3.0))) == 1.0
+    with pytest.raises(ValueError, match="u must"):
+        rg.hard_concrete(log_alpha, torch.zeros(9))
+    with pytest.raises(ValueError, match="u must"):
+        rg.hard_concrete(log_alpha, torch.full((4,), 0.5))
 
 
 def test_l0_expectation_matches_sampled_frequency():
