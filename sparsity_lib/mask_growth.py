@@ -29,7 +29,14 @@ from .masks import _chain, _check_has_prunable, _mask_module, _original, _prepar
 def trainable(model: nn.Module) -> Dict[str, nn.Parameter]:
     """``{name: nn.Parameter}``: the tensor the optimizer updates for every prunable weight, by dense name
     (``<layer>.parametrizations.weight.original`` when the layer is masked, ``<layer>.weight`` otherwise)."""
-    return {name: _original(module) for name, module in _check_has_prunable(model).items()}
+    out = {}
+    for name, module in _check_has_prunable(model).items():
+        param = _original(module)
+        if not isinstance(param, nn.Parameter):
+            raise ValueError(f"trainable: {name} is not a parameter but recomputed from others (e.g. by the "
+                             "hook-based torch.nn.utils.weight_norm or spectral_norm): sparsity_lib cannot mask it")
+        out[name] = param
+    return out
 
 
 def track_dense_gradients(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -98,6 +105,11 @@ def replace_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
     weights keep their values. Returns ``{name: bool tensor}``, True where a weight was revived. The optimizer's
     state of revived weights is not touched: see :func:`reset_optimizer_state`.
 
+    An existing ``.grad`` of the stored weight is masked with the new mask (it stays the gradient the optimizer
+    sees), so an update between ``backward()`` and ``optimizer.step()`` (a callback's ``on_after_backward``) is
+    safe. Momentum still moves the stored values of weights just dropped (the model never uses them, and they
+    restart at ``init`` when revived); pass those positions to :func:`reset_optimizer_state` too to stop that.
+
     All arguments are validated before anything changes. A layer whose weight carries another mask (e.g. a
     learned supermask) that would keep a revived weight at zero is refused. Survey §4 (regrowth). Defined for
     Chapter 09.
@@ -132,6 +144,8 @@ def replace_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
     for name, mask in ready.items():
         original = _original(modules[name])
         apply_masks(model, {name: mask})
+        if original.grad is not None:
+            original.grad.mul_(mask.to(original.grad.dtype))
         if revived[name].any():
             with torch.no_grad():
                 if isinstance(init, Mapping):

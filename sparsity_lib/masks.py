@@ -61,6 +61,11 @@ class Mask(nn.Module):
     attribute test.
     """
 
+    # class-level defaults: masks pickled whole before the dense-gradient mode existed still load and run
+    track_dense_grad = False
+    _dense_grad: Optional[torch.Tensor] = None
+    _generation, _grad_generation = 0, -1
+
     def __init__(self, mask: torch.Tensor):
         super().__init__()
         self.register_buffer("mask", mask.detach().clone().to(torch.bool))
@@ -296,6 +301,23 @@ def _prepare_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]):
             raise ValueError(f"masks[{name!r}] is on {mask.device} and cannot be moved to the weight's device "
                              f"{device}: {error}") from error
     return modules, ready
+
+
+def check_maskable(model: nn.Module, names=None) -> None:
+    """Raise ``ValueError`` naming the first prunable layer (of ``names``, default all) that cannot carry a mask:
+    a weight under someone else's transform (see :func:`apply_masks`) or tied to another module's weight.
+    Changes nothing; for methods to call before any expensive scoring."""
+    modules = _check_has_prunable(model)
+    names = list(modules) if names is None else list(names)
+    shared = _shared_weights(model, {n: modules[n] for n in names if n in modules})
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"unknown layer name {name!r}; prunable weights are {list(modules)}")
+        why = _foreign(modules[name])
+        if why:
+            raise ValueError(f"{name}: cannot mask this layer: {why}")
+        if name in shared:
+            raise ValueError(f"{name}: this weight is shared (tied) with {shared[name]}; untie it or leave it out")
 
 
 def validate_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Dict[str, nn.Module]:
@@ -601,7 +623,7 @@ from .mask_growth import (OPTIMIZER_MOMENTS, dense_gradients, replace_masks, res
 
 __all__ = [
     "Mask", "PRUNABLE_TYPES", "prunable", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity",
-    "sparsity_report", "validate_masks", "is_masked", "is_mask", "count_params", "trainable",
+    "sparsity_report", "validate_masks", "check_maskable", "is_masked", "is_mask", "count_params", "trainable",
     "track_dense_gradients", "dense_gradients", "replace_masks", "reset_optimizer_state", "OPTIMIZER_MOMENTS",
     "frozen",
 ]

@@ -54,11 +54,15 @@ def oracle_dense_gradients(model, x, y):
     return dict(zip(leaves, grads))
 
 
-def test_dense_gradient_equals_the_gradient_wrt_the_effective_weight(mlp):
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_dense_gradient_equals_the_gradient_wrt_the_effective_weight(net, request):
+    mlp = request.getfixturevalue(net)
     masks = random_masks(mlp)
     sl.apply_masks(mlp, masks)
     sl.track_dense_gradients(mlp)
     x, y = batch()
+    if net == "cnn":
+        x, y = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(0)), y[:8] % 4
     mlp.zero_grad()
     F.cross_entropy(mlp(x), y).backward()
     dense = sl.dense_gradients(mlp)
@@ -493,3 +497,48 @@ def test_masked_forward_has_no_graph_breaks_and_frozen_inference_is_exact(mlp):
     with sl.masks.frozen(mlp):
         out = mlp(x)
     torch.testing.assert_close(out, mlp(x), rtol=0, atol=0)
+
+
+def test_a_rigl_update_inside_fit_keeps_sparsity_and_restarts_revived_weights(mlp):
+    """The pieces together, as the callback documentation of train.py describes: dense gradient after backward,
+    drop-and-grow, replace_masks, reset_optimizer_state; sparsity is constant and revived weights restart at 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 16, generator=g)
+    task = sl.data.Task(name="toy", x_train=x, y_train=x[:, :5].argmax(1), x_test=x[:32],
+                        y_test=x[:32, :5].argmax(1), num_classes=5)
+    sl.prune(mlp, 0.8, method="magnitude", scope="layerwise")
+    sl.track_dense_gradients(mlp)
+    target = sl.sparsity(mlp)
+    seen = []
+
+    class RigL:
+        def on_after_backward(self, state):
+            if state.step % 2:
+                return
+            grads = sl.dense_gradients(state.model)
+            masks, weights = sl.get_masks(state.model), sl.prunable(state.model)
+            new = {n: drop_and_grow(masks[n], weights[n].detach().abs(), grads[n].abs(), int(masks[n].sum()) // 5)
+                   for n in grads}
+            revived = sl.replace_masks(state.model, new)
+            sl.reset_optimizer_state(state.optimizer, state.model, revived)
+            params = sl.trainable(state.model)
+            for n, where in revived.items():
+                assert (params[n].detach()[where] == 0).all()
+                assert (params[n].grad[~new[n]] == 0).all(), "the gradient the step applies is masked anew"
+                if params[n] in state.optimizer.state:
+                    assert (state.optimizer.state[params[n]]["momentum_buffer"][where] == 0).all()
+            seen.append(sum(int(w.sum()) for w in revived.values()))
+
+    sl.train.fit(mlp, task, epochs=2, batch_size=32, callbacks=[RigL()], progress=False)
+    assert sum(seen) > 0, "connections moved"
+    assert sl.sparsity(mlp) == pytest.approx(target)
+
+
+def test_check_maskable_names_the_layer_before_any_scoring(mlp):
+    sl.masks.check_maskable(mlp)
+    torch.nn.utils.parametrizations.weight_norm(mlp[4])
+    before = snapshot(mlp)
+    with pytest.raises(ValueError, match="4.weight: cannot mask this layer.*weight_norm"):
+        sl.masks.check_maskable(mlp)
+    sl.masks.check_maskable(mlp, ["0.weight", "2.weight"])
+    assert_unchanged(mlp, before)
