@@ -362,3 +362,23 @@ def test_compare_methods_records():
         rg.compare_methods(task, [0], methods=("obs",))
     with pytest.raises(ValueError, match="match"):
         rg.compare_methods(task, [0], match=("gmp",))
+
+
+def test_neuron_gates_on_a_conv_remove_whole_channels():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    rg.add_l0_gates(model, structure="neuron", layers=["0.weight"])
+    gate = model[0].parametrizations["weight"][0]
+    assert gate.log_alpha.shape == (4, 1, 1, 1) and gate.group_size() == 18
+    assert not parametrize_is(model[3])
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]).view(4, 1, 1, 1))
+    masks = rg.finalize(model)
+    assert list(masks) == ["0.weight"]
+    kept = masks["0.weight"].reshape(4, -1)
+    assert kept[[0, 2]].all() and not kept[[1, 3]].any()
+    assert torch.isclose(torch.tensor(sl.sparsity(model)), torch.tensor(36 / (72 + 108)))
+
+
+def parametrize_is(module):
+    from torch.nn.utils import parametrize
+    return parametrize.is_parametrized(module)
