@@ -47,7 +47,7 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .masks import dense_gradients, replace_masks, reset_optimizer_state, track_dense_gradients, trainable
 from .pruning import prune
-from . import catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, layerwise, lottery, models, obs, plumbing, speed, train, viz, widgets  # noqa: E402  (register methods)
+from . import catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, layerwise, lottery, models, obs, plumbing, regularize, speed, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -55,6 +55,6 @@ __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "dense_gradients", "replace_masks", "reset_optimizer_state", "track_dense_gradients", "trainable", "budgets",
     "catalogue", "compare", "config", "curvature", "data", "distributed", "experiments", "export", "formats",
-    "growth", "layerwise", "lottery", "models", "obs", "plumbing", "schedules", "scores", "select", "speed", "train",
-    "viz", "widgets",
+    "growth", "layerwise", "lottery", "models", "obs", "plumbing", "regularize", "schedules", "scores", "select",
+    "speed", "train", "viz", "widgets",
 ]
