@@ -28,6 +28,8 @@ What lives where, one concept per file, in pipeline order:
 ``distributed``        pruning inside a process group: broadcast or all-reduce, divergence checks
 ``schedules``          when and how much: one-shot, iterative, gradual (Zhu & Gupta), IHT / DSD
 ``growth``             dynamic sparse training: SET, DeepR, SNFS, RigL, DSR, Top-KAST
+``growth_runs``        chapter 09's runs: DST vs static masks vs gradual pruning at equal steps, training cost
+``regularize``         L1, group lasso, Hoyer-square, proximal steps; L0 hard-concrete gates; sparse VD
 ``lottery``            rewinding, IMP, controls, edge-popup supermasks
 ``catalogue``          the one explicit list of every method (``sl.catalogue()``); ``sl.prune`` reads it
 ``experiments``        the runner: recipe x sparsities x seeds -> records (one-shot, gradual, IMP, at-init, ...)
@@ -47,7 +49,7 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .masks import dense_gradients, replace_masks, reset_optimizer_state, track_dense_gradients, trainable
 from .pruning import prune
-from . import catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, layerwise, lottery, models, obs, plumbing, regularize, speed, train, viz, widgets  # noqa: E402
+from . import catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, growth_runs, layerwise, lottery, models, obs, plumbing, regularize, speed, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -55,6 +57,6 @@ __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "dense_gradients", "replace_masks", "reset_optimizer_state", "track_dense_gradients", "trainable", "budgets",
     "catalogue", "compare", "config", "curvature", "data", "distributed", "experiments", "export", "formats",
-    "growth", "layerwise", "lottery", "models", "obs", "plumbing", "regularize", "schedules", "scores", "select",
-    "speed", "train", "viz", "widgets",
+    "growth", "growth_runs", "layerwise", "lottery", "models", "obs", "plumbing", "regularize", "schedules", "scores",
+    "select", "speed", "train", "viz", "widgets",
 ]
