@@ -146,7 +146,8 @@ class _Analysis:
         raise NotImplementedError(f"structure: cannot follow channels through node {node.name!r} "
                                   f"({node.op} {getattr(node.target, '__name__', node.target)}): {why}. "
                                   f"Supported: Conv1d/Conv2d (groups=1), Linear on 2-D inputs, BatchNorm, ReLU-like "
-                                  f"activations, pooling, dropout, flatten, residual '+', torch.cat on dim 1")
+                                  f"activations, pooling (and mean over spatial dims), dropout, flatten, residual '+', "
+                                  f"torch.cat on dim 1")
 
     def _pass(self, node, src):
         self.atoms[node], self.dead[node] = self.atoms[src], self.dead[src]
@@ -204,6 +205,8 @@ class _Analysis:
                     self._flatten(node, tensor_inputs[0], start, end)
                 elif name in ("reshape", "view"):
                     self._reshape(node, tensor_inputs[0])
+                elif node.target is torch.mean or name == "mean":
+                    self._mean(node, tensor_inputs[0])
                 elif node.target in _PASS_FUNCTIONS or name in _PASS_METHODS:
                     self._pass(node, tensor_inputs[0])
                 else:
@@ -268,6 +271,15 @@ class _Analysis:
         repeat = math.prod(in_shape[2:])
         self.atoms[node] = self.atoms[src].repeat_interleave(repeat)
         self.dead[node] = self.dead[src].repeat_interleave(repeat)
+
+    def _mean(self, node, src):
+        """Global average pooling written as ``x.mean(dim=(2, 3))``: channels stay in place (mean of 0 is 0)."""
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        ndim = len(self._shape(src))
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        if sorted(d % ndim for d in dims) != list(range(2, ndim)):
+            self._refuse(node, f"mean over dims {dims} (only the spatial dims 2.. of an (N, C, ...) tensor are supported)")
+        self._pass(node, src)
 
     def _reshape(self, node, src):
         frozen = torch.cat(self.frozen_atoms) if self.frozen_atoms else torch.empty(0, dtype=torch.long)
@@ -514,7 +526,9 @@ def prune_channels(model: nn.Module, amount: float, example_input: torch.Tensor,
     ``round(amount * removable)`` channels of each group go (at least one channel stays). For a removed channel,
     every producer row is masked (``sl.apply_masks``, merged with existing masks), and the producers' biases and the
     group's batch-norm scales and shifts are masked by :class:`ChannelMask`, so the channel is exactly zero and
-    :func:`compact` removes it. Returns the channel keep-vectors ``{"group<i>": bool tensor}``.
+    :func:`compact` removes it (and bakes every mask, these included). ``sl.remove_masks`` bakes only the masks of
+    Conv/Linear weights; the :class:`ChannelMask` of biases and batch norms stay until :func:`compact`.
+    Returns the channel keep-vectors ``{"group<i>": bool tensor}``.
     """
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
         raise ValueError(f"amount must be a fraction in [0, 1), got {amount!r}")

@@ -143,6 +143,35 @@ def test_export_compact_delegates():
     torch.testing.assert_close(sl.export.compact(model, x)(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+class MeanPooled(nn.Module):
+    """Conv, BN, ReLU, global average pooling by x.mean(dim=(2, 3)), Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+class BadMean(MeanPooled):
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=2).mean(dim=2).mean(dim=1, keepdim=True).expand(-1, 6))
+
+
+def test_compact_global_average_pooling_by_mean():
+    model = _randomize_bn(MeanPooled())
+    st.prune_channels(model, 0.5, torch.randn(2, 3, 6, 6))
+    x = torch.randn(4, 3, 6, 6)
+    small = st.compact(model, x)
+    assert small.conv.out_channels == 3 and small.fc.in_features == 3
+    torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="mean"):
+        st.compact(_randomize_bn(BadMean()), x)
+
+
 class Grouped(nn.Module):
     def __init__(self):
         super().__init__()
