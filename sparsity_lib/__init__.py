@@ -15,7 +15,7 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .masks import dense_gradients, replace_masks, reset_optimizer_state, track_dense_gradients, trainable
 from .pruning import prune
-from . import catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, layerwise, lottery, models, obs, plumbing, speed, train, viz, widgets  # noqa: E402  (register methods)
+from . import catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, handson, layerwise, lottery, models, obs, plumbing, speed, train, viz, widgets  # noqa: E402  (register methods)
 
 __version__ = "0.1.0"
 
