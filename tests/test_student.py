@@ -36,14 +36,22 @@ def _hands_on(nb):
 def _run_hands_on(nb, monkeypatch, tmp_path):
     """Execute the first code cell and the hands-on cells; return the check results, in order."""
     import matplotlib
+    import matplotlib.pyplot
     matplotlib.use("Agg")
     monkeypatch.chdir(ROOT / "chapters")
     first = next(c for c in nb["cells"] if c["cell_type"] == "code")
     ns = {"__name__": "__main__"}
     handson.reset()
-    for cell in [first] + _hands_on(nb):
-        code = "\n".join(line for line in _src(cell).split("\n") if not line.lstrip().startswith(("%", "!")))
-        exec(compile(code, "<cell>", "exec"), ns)
+    threads = torch.get_num_threads()
+    # the chapter's first cell sets seeds, threads and the figure style: keep them from leaking into other tests
+    with matplotlib.rc_context(), torch.random.fork_rng(devices=[]):
+        try:
+            for cell in [first] + _hands_on(nb):
+                code = "\n".join(line for line in _src(cell).split("\n") if not line.lstrip().startswith(("%", "!")))
+                exec(compile(code, "<cell>", "exec"), ns)
+        finally:
+            torch.set_num_threads(threads)
+            matplotlib.pyplot.close("all")
     return list(handson.RESULTS)
 
 
