@@ -44,6 +44,7 @@ What lives where, one concept per file, in pipeline order:
 ``data``, ``models``   offline data sets and the book's models
 ``train``              the explicit training loop with callbacks
 ``viz``, ``widgets``   figures, source display, live explorers
+``handson``            the "your turn" checks of the chapters (``student``, not imported: ``make student``)
 ``config``             seeds, threads, FAST / FULL scale
 ``bench/``             timing tables of ``make bench`` (masked steps, layer-wise solvers, DST steps)
 =====================  ===========================================================================================
@@ -53,14 +54,14 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .masks import dense_gradients, replace_masks, reset_optimizer_state, track_dense_gradients, trainable
 from .pruning import prune
-from . import attention, catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, growth_runs, layerwise, lottery, models, obs, plumbing, regularize, speed, structure, train, viz, widgets  # noqa: E402
+from . import attention, catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, growth_runs, handson, layerwise, lottery, models, obs, plumbing, regularize, speed, structure, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
-    "dense_gradients", "replace_masks", "reset_optimizer_state", "track_dense_gradients", "trainable", "budgets",
-    "attention", "catalogue", "compare", "config", "curvature", "data", "distributed", "experiments", "export",
-    "formats", "growth", "growth_runs", "layerwise", "lottery", "models", "obs", "plumbing", "regularize", "schedules",
-    "scores", "select", "speed", "structure", "train", "viz", "widgets",
+    "dense_gradients", "replace_masks", "reset_optimizer_state", "track_dense_gradients", "trainable", "attention",
+    "budgets", "catalogue", "compare", "config", "curvature", "data", "distributed", "experiments", "export",
+    "formats", "growth", "growth_runs", "handson", "layerwise", "lottery", "models", "obs", "plumbing", "regularize",
+    "schedules", "scores", "select", "speed", "structure", "train", "viz", "widgets",
 ]
