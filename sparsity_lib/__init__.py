@@ -14,12 +14,12 @@ Every method is a combination of the same parts: **score** (how important is eac
 from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .pruning import prune
-from . import compare, data, formats, hessian, lottery, models, train, viz, widgets  # noqa: E402  (register methods)
+from . import compare, data, ephemeral, ephemeral_runs, formats, hessian, lottery, models, moe, train, viz, widgets  # noqa: E402  (register methods)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
-    "budgets", "compare", "config", "data", "formats", "hessian", "lottery", "models", "schedules", "scores",
+    "budgets", "compare", "config", "data", "ephemeral", "ephemeral_runs", "formats", "hessian", "lottery", "models", "moe", "schedules", "scores",
     "select", "train", "viz", "widgets",
 ]
