@@ -443,18 +443,17 @@ class Compressor:
         if not torch.isfinite(grad).all():
             raise ValueError(f"gradient {name!r} holds NaN or infinite entries")
         flat = grad.detach().reshape(-1)
-        if self.error_feedback:
-            residual = self.memory.get(name)
-            if residual is not None:
-                if residual.shape != flat.shape:
-                    raise ValueError(f"gradient {name!r} has {flat.numel()} entries, its residual memory "
-                                     f"{residual.numel()}: one compressor per model (reset() to start over)")
-                flat = residual + flat
+        residual = self.memory.get(name) if self.error_feedback else None
+        if residual is not None:
+            if residual.shape != flat.shape:
+                raise ValueError(f"gradient {name!r} has {flat.numel()} entries, its residual memory "
+                                 f"{residual.numel()}: one compressor per model (reset() to start over)")
+            flat = residual + flat          # a new tensor: the accumulator a = e + g
         k = kept_count(flat.numel(), self.ratio)
         indices = self.select(flat, k)
-        values = flat[indices].clone()
+        values = flat[indices]              # advanced indexing copies
         if self.error_feedback:
-            rest = flat.clone()
+            rest = flat if residual is not None else flat.clone()   # never write into the caller's gradient
             rest[indices] = 0.0
             self.memory[name] = rest
         return SparseUpdate(indices, values, tuple(grad.shape))

@@ -55,7 +55,9 @@ def test_error_feedback_loses_nothing(cls):
     sent_sum = torch.zeros_like(raw_sum)
     for _ in range(25):
         g = torch.randn(20, 30, dtype=torch.float64)
+        kept = g.clone()
         u = c.compress(g, "w")
+        assert torch.equal(g, kept)                      # the caller's gradient is never written to
         assert u.nnz == eph.kept_count(600, 0.05) == len(set(u.indices.tolist()))
         raw_sum += g
         sent_sum += u.to_dense()
