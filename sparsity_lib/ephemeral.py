@@ -293,7 +293,8 @@ class DropConnect(nn.Linear):
     {cite}`wan2013regularization`; survey §5.2): :math:`y = x (W \\odot M)^\\top / (1 - p) + b`, a new
     :math:`M` per forward pass (one for the batch, a common cheap variant of the paper's mask per example).
     In eval mode it is exactly ``nn.Linear``. It *is* an ``nn.Linear`` (same parameters, same ``state_dict``
-    keys), so masks, ``sl.prune`` and ``sl.prunable`` work on it unchanged.
+    keys), so ``sl.prunable`` and ``sl.prune`` see it as one (remove the weight dropout before pruning, see
+    :func:`remove_weight_dropout`).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5):
@@ -376,12 +377,21 @@ def add_targeted_dropout(model: nn.Module, alpha: float, gamma: float, structure
 
 
 def remove_weight_dropout(model: nn.Module) -> nn.Module:
-    """Turn every :class:`DropConnect` / :class:`TargetedDropout` layer back into a plain ``nn.Linear``."""
-    for module in model.modules():
-        if type(module) in (DropConnect, TargetedDropout):
-            module.__class__ = nn.Linear
-            for key in ("p", "alpha", "gamma", "structure"):
-                module.__dict__.pop(key, None)
+    """Turn every :class:`DropConnect` / :class:`TargetedDropout` layer back into a plain ``nn.Linear``.
+
+    A layer that was masked (``sl.prune``) after weight dropout was added cannot be converted in place (its class
+    is a parametrized subclass); then nothing is changed and a ``ValueError`` names the layer: remove the
+    weight dropout before pruning, or the masks first (``sl.remove_masks``).
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, DropConnect)]
+    for name, module in layers:
+        if hasattr(module, "parametrizations"):
+            raise ValueError(f"layer {name!r} has weight dropout and masks: call remove_weight_dropout before "
+                             f"pruning, or sl.remove_masks first")
+    for _, module in layers:
+        module.__class__ = nn.Linear
+        for key in ("p", "alpha", "gamma", "structure"):
+            module.__dict__.pop(key, None)
     return model
 
 

@@ -245,6 +245,11 @@ def test_weight_dropout_refuses_bad_layers_and_masked_layers_without_change():
     with pytest.raises(ValueError, match="parametrized"):
         eph.add_drop_connect(model, 0.5)
     assert all(type(m) is not eph.DropConnect for m in model.modules())
+    dropped = eph.add_drop_connect(sl.models.mlp(5, (7,), 3, seed=0), 0.5)
+    sl.prune(dropped, 0.5, scope="layerwise")                # masks on top of DropConnect: refuse to convert
+    with pytest.raises(ValueError, match="remove_weight_dropout before"):
+        eph.remove_weight_dropout(dropped)
+    assert isinstance(dropped.fc1, eph.DropConnect) and isinstance(dropped.fc2, eph.DropConnect)
 
 
 # -------------------------------------------------------------------------------------------------- meProp
