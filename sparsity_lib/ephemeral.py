@@ -144,13 +144,14 @@ def activation_sparsity(model: nn.Module, data, *, include_input: bool = False,
             counts[name] += a.numel()
         return hook
 
+    device = next(model.parameters()).device
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in layers.items()]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for (inputs,) in _batches(data):
-                model(inputs)
+                model(inputs.to(device))
     finally:
         for h in handles:
             h.remove()

@@ -95,7 +95,7 @@ class TopKMoE(nn.Module):
             raise ValueError(f"TopKMoE expects inputs of shape (N, {self.dim}), got {tuple(x.shape)}")
         experts, gates, probs = self.route(x)
         out = x.new_zeros(x.shape[0], self.out_dim)
-        load = torch.zeros(self.num_experts, dtype=torch.long)
+        load = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
         for e, expert in enumerate(self.experts):
             token, slot = (experts == e).nonzero(as_tuple=True)
             load[e] = token.numel()
@@ -180,10 +180,10 @@ def expert_load(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            model(inputs)
+            model(inputs.to(next(model.parameters()).device))
     finally:
         model.train(was_training)
-    return layers[0].last_load.clone()
+    return layers[0].last_load.detach().cpu().clone()
 
 
 __all__ = ["TopKMoE", "MoEClassifier", "balance_penalty", "moe_layers", "load_imbalance", "expert_load"]
