@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
-    "budgets", "compare", "config", "data", "ephemeral", "ephemeral_runs", "formats", "hessian", "lottery", "models", "moe", "schedules", "scores",
+    "budgets", "compare", "config", "data", "formats", "hessian", "lottery", "models", "schedules", "scores",
     "select", "train", "viz", "widgets",
 ]
