@@ -30,6 +30,10 @@ What lives where, one concept per file, in pipeline order:
 ``growth``             dynamic sparse training: SET, DeepR, SNFS, RigL, DSR, Top-KAST
 ``growth_runs``        chapter 09's runs: DST vs static masks vs gradual pruning at equal steps, training cost
 ``regularize``         L1, group lasso, Hoyer-square, proximal steps; L0 hard-concrete gates; sparse VD
+``ephemeral``          ephemeral sparsity: activation sparsity and penalties, DropConnect / targeted dropout,
+                       top-k / random-k gradient compression with error feedback, meProp
+``moe``                conditional computation: a top-k (Switch for k = 1) mixture-of-experts layer
+``ephemeral_runs``     chapter 11's runs (compressed training, activation penalties, dropout, MoE)
 ``lottery``            rewinding, IMP, controls, edge-popup supermasks
 ``structure``          coupled channel groups (residual adds, concatenation), channel scores, ``compact`` into a
                        smaller dense CNN
@@ -54,14 +58,14 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .masks import dense_gradients, replace_masks, reset_optimizer_state, track_dense_gradients, trainable
 from .pruning import prune
-from . import attention, catalogue, compare, curvature, data, distributed, experiments, export, formats, growth, growth_runs, handson, layerwise, lottery, models, obs, plumbing, regularize, speed, structure, train, viz, widgets  # noqa: E402
+from . import attention, catalogue, compare, curvature, data, distributed, ephemeral, ephemeral_runs, experiments, export, formats, growth, growth_runs, handson, layerwise, lottery, models, moe, obs, plumbing, regularize, speed, structure, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "dense_gradients", "replace_masks", "reset_optimizer_state", "track_dense_gradients", "trainable", "attention",
-    "budgets", "catalogue", "compare", "config", "curvature", "data", "distributed", "experiments", "export",
-    "formats", "growth", "growth_runs", "handson", "layerwise", "lottery", "models", "obs", "plumbing", "regularize",
-    "schedules", "scores", "select", "speed", "structure", "train", "viz", "widgets",
+    "budgets", "catalogue", "compare", "config", "curvature", "data", "distributed", "ephemeral", "ephemeral_runs",
+    "experiments", "export", "formats", "growth", "growth_runs", "handson", "layerwise", "lottery", "models", "moe",
+    "obs", "plumbing", "regularize", "schedules", "scores", "select", "speed", "structure", "train", "viz", "widgets",
 ]
