@@ -55,6 +55,7 @@ KINDS = {
     "growth": "dynamic sparse training: drop and grow at constant sparsity (sl.growth)",
     "regularizer": "a penalty or learned gate that drives weights to zero while training (sl.regularize)",
     "procedure": "a training procedure that finds a mask (run as a recipe by sl.experiments)",
+    "ephemeral": "sparsity recomputed for every example or step: activations, dropout, gradients, experts (sl.ephemeral)",
 }
 #: the kinds that ``sl.prune(method=...)`` accepts
 PRUNE_KINDS = ("score", "pruner")
@@ -274,6 +275,24 @@ ENTRIES = (
     E("variational_dropout", "regularizer", "sparsity_lib.regularize:add_variational_dropout", "§3.7", 7,
       cite="molchanov2017variational", description="sparse variational dropout: learned log alpha, KL penalty, "
       "weights with log alpha >= 3 removed by finalize"),
+    # ------------------------------------------- ephemeral sparsity (Chapter 11, §5): recomputed every step
+    E("activation_l1", "ephemeral", "sparsity_lib.ephemeral:activation_l1", "§5.1", 11, cite="kurtz2020inducing",
+      description="L1 penalty on post-ReLU activations: more exact zeros per example"),
+    E("activation_hoyer", "ephemeral", "sparsity_lib.ephemeral:activation_hoyer", "§5.1", 11,
+      cite="kurtz2020inducing", description="Hoyer penalty on activations (scale-invariant)"),
+    E("drop_connect", "ephemeral", "sparsity_lib.ephemeral:add_drop_connect", "§5.2", 11, cite="wan2013regularization",
+      description="drop each weight with probability p while training (a random mask per step)"),
+    E("targeted_dropout", "ephemeral", "sparsity_lib.ephemeral:add_targeted_dropout", "§5.2", 11,
+      cite="gomez2019learning", description="drop among the gamma fraction of smallest weights or units: robust to "
+      "later magnitude pruning"),
+    E("topk_gradients", "ephemeral", "sparsity_lib.ephemeral:TopK", "§5.3.1", 11, cite="aji2017sparse",
+      description="send the k largest gradient entries per step; error feedback keeps the rest for later"),
+    E("randomk_gradients", "ephemeral", "sparsity_lib.ephemeral:RandomK", "§5.3", 11, cite="stich2018sparsified",
+      description="send k random gradient entries per step (unbiased when rescaled)"),
+    E("meprop", "ephemeral", "sparsity_lib.ephemeral:meprop", "§5.4", 11, cite="sun2017meprop",
+      description="keep the top-k of each output gradient in the backward pass of Linear layers"),
+    E("top_k_moe", "ephemeral", "sparsity_lib.moe:TopKMoE", "§5.5", 11, cite="shazeer2017outrageously",
+      description="mixture of experts with noisy top-k gating and a load-balancing term (k = 1: Switch)"),
     # ------------------------------------------------------- procedures: they train (recipes of experiments)
     E("prune_neurons_iteratively", "procedure", "sparsity_lib.scores.activations:prune_neurons_iteratively",
       "§3.3", 5, needs_data=True, description="remove neurons a few at a time, re-scoring after each step"),
