@@ -73,14 +73,24 @@ def _page_context(app, pagename, templatename, context, doctree) -> None:
         return
     if "sl-static-explorer" in (context.get("body") or ""):
         app.add_js_file(PLOTLY_JS, priority=400)   # before the page's own scripts; relative to _static/
-    # sphinx-thebe adds its loader to every page even with Thebe off; it fetches Thebe from a CDN
+    # sphinx-thebe adds its loader to every page even with Thebe off (twice: "THEBE_JS_URL has already been
+    # declared"), and that loader would fetch Thebe from a CDN
     script_files = context.get("script_files")
     if script_files:   # in place: the builder restores its own list after every page
-        script_files[:] = [s for s in script_files if "thebe" not in str(getattr(s, "filename", s))]
+
+        def is_thebe(script) -> bool:
+            body = str(getattr(script, "attributes", {}).get("body", ""))
+            return "thebe" in str(getattr(script, "filename", None) or "").lower() or "THEBE_JS_URL" in body
+
+        script_files[:] = [s for s in script_files if not is_thebe(s)]
+    # sphinx-book-theme has no default_mode option, so pydata's template writes an empty mode into every page and
+    # its script logs "Got invalid theme mode" as an error
+    if not context.get("default_mode"):
+        context["default_mode"] = "auto"
 
 
 def setup(app):
     app.connect("config-inited", _config_inited)
     app.connect("builder-inited", _builder_inited)
-    app.connect("html-page-context", _page_context)
+    app.connect("html-page-context", _page_context, priority=900)   # after the extensions that add scripts
     return {"parallel_read_safe": True, "parallel_write_safe": True, "version": "1"}
