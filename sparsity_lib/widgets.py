@@ -470,8 +470,8 @@ def static_explorer(controls: Mapping[str, Sequence], traces: Callable[..., Sequ
     Arguments:
         controls: ``{name: values}`` with one or two controls. One control becomes a slider; with two, the first
             becomes a dropdown and the second a slider (the slider keeps the dropdown's choice).
-        traces: ``traces(**values) -> list of Plotly trace dicts`` (e.g. ``{"type": "scatter", "x": xs, "y": ys,
-            "name": "magnitude"}``) for one combination of values. It must only look up precomputed results.
+        traces: ``traces(**values)`` returns the list of Plotly trace dicts of one combination of values, e.g.
+            ``[{"x": xs, "y": ys, "name": "magnitude"}]``. It must only look up precomputed results.
             Arrays may be numpy / torch; numbers are rounded to 4 significant digits to keep the page small.
         formats: ``{name: function(value) -> str}`` for the labels of a control's values (default ``str`` /
             ``{:g}``).

@@ -13,6 +13,7 @@ The copies are generated at build time from the installed packages: nothing vend
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -89,7 +90,17 @@ def _page_context(app, pagename, templatename, context, doctree) -> None:
         context["default_mode"] = "auto"
 
 
+_ABS = re.compile(r"(?<![\\`|])\|([^|\s`](?:[^|`\n]*[^|\s`])?)\|(?![`|])")
+
+
+def _docstring(app, what, name, obj, options, lines) -> None:
+    """The docstrings write absolute values as ``|w|``, which reStructuredText reads as a substitution (an error
+    and a broken link in the API reference): escape the bars."""
+    lines[:] = [_ABS.sub(r"\\|\1\\|", line) for line in lines]
+
+
 def setup(app):
+    app.connect("autodoc-process-docstring", _docstring)
     app.connect("config-inited", _config_inited)
     app.connect("builder-inited", _builder_inited)
     app.connect("html-page-context", _page_context, priority=900)   # after the extensions that add scripts

@@ -172,7 +172,11 @@ def check_page(context, path: Path, root: Path, shots: Path):
         if not changed:
             problems.append(f"{div_id}: moving its controls ({done or 'none found'}) did not change the figure")
     shot = shots / (str(path.relative_to(root)).replace("/", "__").removesuffix(".html") + ".png")
-    page.screenshot(path=str(shot), full_page=True)
+    height = page.evaluate("document.documentElement.scrollHeight")
+    try:   # a very long page (the API reference) is cut at 16,000 px, Chromium's limit for one capture
+        page.screenshot(path=str(shot), full_page=height <= 16000, timeout=60000)
+    except Exception as error:  # noqa: BLE001  (a screenshot is for people; its failure is not the page's)
+        print(f"    (no screenshot of {path.name}: {str(error).splitlines()[0]})")
     page.close()
     size_static = sum(p.stat().st_size for p in set(requests) if p.exists())
     return problems, moved, path.stat().st_size, size_static
