@@ -94,9 +94,16 @@ _ABS = re.compile(r"(?<![\\`|])\|([^|\s`](?:[^|`\n]*[^|\s`])?)\|(?![`|])")
 
 
 def _docstring(app, what, name, obj, options, lines) -> None:
-    """The docstrings write absolute values as ``|w|``, which reStructuredText reads as a substitution (an error
-    and a broken link in the API reference): escape the bars."""
-    lines[:] = [_ABS.sub(r"\\|\1\\|", line) for line in lines]
+    """Plain-text docstrings meet reStructuredText: absolute values ``|w|`` read as substitutions, and an inline
+    literal wrapped over two lines is unterminated (each an error and a broken link in the API reference)."""
+    out = []
+    for line in lines:
+        # an inline literal ``...`` that a docstring wraps over two lines is an error in reStructuredText: join them
+        if out and out[-1].count("``") % 2 == 1:
+            out[-1] = out[-1] + " " + line.strip()
+        else:
+            out.append(line)
+    lines[:] = [_ABS.sub(r"\\|\1\\|", line) for line in out]
 
 
 def setup(app):
