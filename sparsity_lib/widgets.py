@@ -511,21 +511,29 @@ def static_explorer(controls: Mapping[str, Sequence], traces: Callable[..., Sequ
             raise ValueError(f"initial[{name!r}] must be one of {list(controls.get(name, []))}, got {value!r}")
     start = tuple(initial.get(name, controls[name][0]) for name in names)
 
-    figure = go.Figure()
+    import json
+
+    unique, index_of = [], {}   # a trace drawn the same in several combinations is stored once (page weight)
     combinations, groups = [], []
     for combo in itertools.product(*(list(controls[name]) for name in names)):
         drawn = traces(**dict(zip(names, combo)))
         if isinstance(drawn, Mapping) or not isinstance(drawn, Sequence):
             raise TypeError(f"traces({dict(zip(names, combo))}) must return a list of trace dicts, got {drawn!r}")
-        first = len(figure.data)
+        group = []
         for trace in drawn:
             trace = _compact(dict(trace))
             trace.setdefault("type", "scatter")
-            trace["visible"] = combo == start
-            figure.add_trace(trace)
+            key = json.dumps(trace, sort_keys=True, default=str)
+            if key not in index_of:
+                index_of[key] = len(unique)
+                unique.append(trace)
+            if index_of[key] not in group:
+                group.append(index_of[key])
         combinations.append(combo)
-        groups.append(list(range(first, len(figure.data))))
-    n = len(figure.data)
+        groups.append(group)
+    n = len(unique)
+    shown = set(groups[combinations.index(start)])
+    figure = go.Figure([{**trace, "visible": i in shown} for i, trace in enumerate(unique)])
 
     def visibility(combo):
         on = set(groups[combinations.index(combo)])
@@ -542,7 +550,8 @@ def static_explorer(controls: Mapping[str, Sequence], traces: Callable[..., Sequ
                 "pad": {"t": 40, "b": 0}, "len": 1.0, "x": 0.0}
 
     menus = []
-    if len(names) == 2:
+    if len(names) == 2:   # the open dropdown hangs over the plot: the figure must be tall enough to show all of it
+        height = max(height, 150 + 36 * len(controls[names[0]]))
         first_name = names[0]
         buttons = [{"method": "update", "label": label[first_name](value),
                     "args": [{"visible": visibility((value, start[-1]))}, {"sliders": [slider(value)]}]}

@@ -20,7 +20,7 @@ def test_every_combination_has_its_own_traces_and_controls_switch_them():
     ex = sl.widgets.static_explorer({"method": ["magnitude", "random"], "sparsity": [0.5, 0.9]}, traces,
                                     initial={"sparsity": 0.9}, yaxis_title="accuracy")
     fig = ex.figure
-    assert len(fig.data) == 8 and ex.combinations[0] == ("magnitude", 0.5)
+    assert len(fig.data) == 6 and ex.combinations[0] == ("magnitude", 0.5)   # the 2 curves are shared
     # only the initial combination is visible at first
     assert [t.visible for t in fig.data] == ex.visible(method="magnitude", sparsity=0.9)
     assert sum(ex.visible(method="random", sparsity=0.5)) == 2
@@ -72,3 +72,19 @@ def test_matplotlib_colours_become_plotly_colours():
     ex = sl.widgets.static_explorer({"k": ["a"]}, lambda k: [{"y": [1], "line": {"color": "C1"},
                                                                "marker": {"color": "rgba(0,0,0,0)"}}])
     assert ex.figure.data[0].line.color == "#ff7f0e" and ex.figure.data[0].marker.color == "rgba(0,0,0,0)"
+
+
+def test_a_long_dropdown_fits_in_the_figure():
+    methods = [f"method {i}" for i in range(12)]
+    ex = sl.widgets.static_explorer({"method": methods, "s": [1, 2]}, lambda method, s: [{"y": [s]}], height=300)
+    assert ex.figure.layout.height >= 36 * len(methods) + 100
+
+
+def test_a_trace_shared_by_several_combinations_is_stored_once():
+    # the curve depends on the method only, the marker on both controls: 2 curves + 4 markers
+    ex = sl.widgets.static_explorer({"method": ["magnitude", "random"], "sparsity": [0.5, 0.9]}, traces)
+    assert len(ex.figure.data) == 6
+    for method in ("magnitude", "random"):
+        for s in (0.5, 0.9):
+            shown = [t for t, v in zip(ex.figure.data, ex.visible(method=method, sparsity=s)) if v]
+            assert [list(t.y) for t in shown] == [[ACC[method, 0.5], ACC[method, 0.9]], [ACC[method, s]]]
