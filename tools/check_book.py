@@ -175,6 +175,8 @@ def check_page(context, path: Path, root: Path, shots: Path):
         div.scroll_into_view_if_needed()
         changed, done, _ = move_controls(page, div)
         moved.append(f"{div_id}: {done}: {'figure changed' if changed else 'NO CHANGE'}")
+        name = str(path.relative_to(root)).replace("/", "__").removesuffix(".html")
+        div.screenshot(path=str(shots / f"{name}__{div_id}.png"))   # the explorer after the moves, close up
         if not changed:
             problems.append(f"{div_id}: moving its controls ({done or 'none found'}) did not change the figure")
     shot = shots / (str(path.relative_to(root)).replace("/", "__").removesuffix(".html") + ".png")
