@@ -288,8 +288,7 @@ class Explorer:
     # ------------------------------------------------------------------------------------------- display
     def _repr_mimebundle_(self, **kwargs):
         bundle = dict(self.widget._repr_mimebundle_(**kwargs))
-        bundle["text/plain"] = (f"[live explorer over {', '.join(self.controls)}: it needs a running notebook "
-                                f"(JupyterLab or Colab); in the rendered book, move the interactive figure below]")
+        bundle["text/plain"] = f"Explorer({', '.join(self.controls)}): run the notebook to use this widget"
         return bundle
 
     def _ipython_display_(self) -> None:
