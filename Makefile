@@ -5,6 +5,7 @@
 #   make lab     set up .venv, open JupyterLab on chapters/
 #   make check-book   open every page of the built book in headless Chromium, offline (tools/check_book.py)
 #   make bench   set up .venv, print the timing tables of sparsity_lib.bench (masked training steps, chapters, OBC/SparseGPT)
+#   make student write the student edition of the notebooks into _build/student (solutions replaced by stubs)
 #   make clean   remove the built book and caches (keeps .venv)
 #   make distclean   clean, and remove .venv too
 #
@@ -91,6 +92,12 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.bench
+
+# The student edition: every '# BEGIN SOLUTION' ... '# END SOLUTION' region of a cell tagged `solution` becomes
+# raise NotImplementedError("your turn: ..."), the checks stay, the exercises' solutions go (sparsity_lib/student.py).
+.PHONY: student
+student: $(STAMP)
+	$(BIN)/python -m sparsity_lib.student --out _build/student
 
 # --- cleaning ----------------------------------------------------------------------------------------------------
 clean:

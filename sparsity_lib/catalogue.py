@@ -32,8 +32,8 @@ regularizer::
 
 An entry whose *module* does not exist yet (a chapter still being written) is kept but not shown
 (``sl.catalogue(include_missing=True)`` shows it, with ``available`` False); a missing *attribute* of an existing
-module is an error, so a renamed function cannot silently drop out of the book. Chapter 09's growth rules are
-listed below; Chapter 07's regularizers have a reserved section to fill in the same way. User code that
+module is an error, so a renamed function cannot silently drop out of the book. Chapter 09's growth rules and
+Chapter 07's regularizers are listed below. User code that
 defines its own score or pruner registers it with :func:`sparsity_lib.scores.register` /
 :func:`~sparsity_lib.scores.register_pruner`; ``sl.catalogue()`` lists those too (``builtin`` False).
 """
@@ -204,6 +204,14 @@ ENTRIES = (
       description="gradient signal preservation: keep by w*Hg"),
     E("obd", "score", "sparsity_lib.obs:obd", "§3.5.1", 6, needs_data=True, cite="lecun1990optimal",
       description="Optimal Brain Damage: 1/2 H_qq w_q^2, exact Hessian diagonal"),
+    E("l1_filter", "score", "sparsity_lib.structure:l1_filter", "§6.1", 12, cite="li2017pruning",
+      description="L1 norm of each filter / row, broadcast to it: use structure='neuron' or prune_channels"),
+    E("bn_scale", "score", "sparsity_lib.structure:bn_scale", "§6.1", 12, cite="liu2017learning",
+      description="|gamma| of the batch norm after each channel (network slimming); +inf without BN"),
+    E("taylor_channel", "score", "sparsity_lib.structure:taylor_channel", "§6.1", 12, needs_data=True,
+      cite="molchanov2019importance", description="(sum over the channel of g*w)^2: first-order channel removal cost"),
+    E("head_importance", "score", "sparsity_lib.attention:head_importance_scores", "§6.2.1", 12, needs_data=True,
+      cite="michel2019sixteen", description="E|dL/d xi_h| of each head's gate on its q/k/v rows; +inf elsewhere"),
     # ------------------------------------------ one-shot pruners (own selection, maybe weight updates)
     E("synflow", "pruner", "sparsity_lib.scores.at_init:synflow_pruner", "§2.4.3", 8, cite="tanaka2020pruning",
       description="iterative synaptic flow, data-free"),
@@ -253,7 +261,19 @@ ENTRIES = (
     E("topkast", "growth", "sparsity_lib.growth:TopKAST", "§4.2", 9, cite="jayakumar2020top",
       description="top-k forward set, larger backward set"),
     # ------------------------------------------------- regularizers (Chapter 07, §3.6-3.8): one line each
-    # (reserved: add sparsity_lib.regularize's penalties and gates here when that module lands)
+    E("l1", "regularizer", "sparsity_lib.regularize:l1", "§3.6.1", 7, cite="tibshirani1996regression",
+      description="penalty sum |w|; exact zeros only with the proximal step (soft threshold)"),
+    E("group_lasso", "regularizer", "sparsity_lib.regularize:group_lasso", "§3.6.3", 7, cite="wen2016learning",
+      description="penalty sum_g sqrt(n_g) ||w_g||_2 over output rows / channels: removes whole neurons"),
+    E("hoyer_square", "regularizer", "sparsity_lib.regularize:hoyer_square", "§3.6.1", 7,
+      cite="yang2020deephoyer", description="scale-invariant penalty (sum |w|)^2 / sum w^2"),
+    E("proximal", "regularizer", "sparsity_lib.regularize:Proximal", "§3.6.1", 7, cite="tibshirani1996regression",
+      description="training callback: soft-threshold (or group soft-threshold) after each optimizer step"),
+    E("l0", "regularizer", "sparsity_lib.regularize:add_l0_gates", "§3.6.2", 7, cite="louizos2018learning",
+      description="hard-concrete L0 gates (per weight or per neuron), expected-L0 penalty l0_penalty"),
+    E("variational_dropout", "regularizer", "sparsity_lib.regularize:add_variational_dropout", "§3.7", 7,
+      cite="molchanov2017variational", description="sparse variational dropout: learned log alpha, KL penalty, "
+      "weights with log alpha >= 3 removed by finalize"),
     # ------------------------------------------------------- procedures: they train (recipes of experiments)
     E("prune_neurons_iteratively", "procedure", "sparsity_lib.scores.activations:prune_neurons_iteratively",
       "§3.3", 5, needs_data=True, description="remove neurons a few at a time, re-scoring after each step"),

@@ -316,3 +316,48 @@ def teacher_student(n_train: int = 2000, n_test: int = 1000, in_features: int = 
 
 
 __all__ = ["Task", "digits", "mnist1d", "teacher_student"]
+
+
+# ------------------------------------------------------------------------------- Chapter 12: sequence task
+def associative_recall(n_train: int = 4000, n_test: int = 1000, num_pairs: int = 16, num_keys: int = 16,
+                       num_values: int = 8, seed: int = 0) -> Task:
+    """Associative recall, a token-sequence task that needs attention (Chapter 12; the in-context recall task of
+    Ba et al. and of the "induction head" literature, here in a one-step form).
+
+    Each sequence holds ``num_pairs`` *pair tokens* ``key * num_values + value`` with distinct keys drawn from
+    ``num_keys`` and values uniform in ``num_values``, in random order, followed by one *query token*
+    ``num_keys * num_values + key`` naming one of the keys present. The target is that key's value. The answer
+    can sit at any distance from the query, so a model must attend from the last position to the matching pair
+    (a window of ``w`` recent tokens finds it in about ``w / num_pairs`` of the sequences). Chance level is
+    ``1 / num_values``.
+
+    Inputs ``(N, num_pairs + 1)`` int64 tokens (vocabulary ``num_keys * (num_values + 1)`` in
+    ``task.meta["vocab_size"]``), ``num_values`` classes; ``meta["answer_position"]`` gives, per test sequence,
+    where the matching pair sits. Generated from ``seed`` (a ``torch.Generator``), offline.
+    """
+    n_train = _check_int(n_train, "n_train")
+    n_test = _check_int(n_test, "n_test")
+    num_pairs = _check_int(num_pairs, "num_pairs")
+    num_keys = _check_int(num_keys, "num_keys")
+    num_values = _check_int(num_values, "num_values", minimum=2)
+    seed = _check_int(seed, "seed", minimum=0)
+    if num_pairs > num_keys:
+        raise ValueError(f"num_pairs must be <= num_keys (keys are distinct), got {num_pairs} > {num_keys}")
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    keys = torch.rand(n, num_keys, generator=g).argsort(dim=1)[:, :num_pairs]          # distinct keys
+    values = torch.randint(0, num_values, (n, num_pairs), generator=g)
+    which = torch.randint(0, num_pairs, (n,), generator=g)
+    rows = torch.arange(n)
+    query = num_keys * num_values + keys[rows, which]
+    tokens = torch.cat([keys * num_values + values, query[:, None]], dim=1)
+    y = values[rows, which]
+    return Task(name="associative_recall", x_train=tokens[:n_train].contiguous(), y_train=y[:n_train].contiguous(),
+                x_test=tokens[n_train:].contiguous(), y_test=y[n_train:].contiguous(), num_classes=num_values,
+                description=f"associative recall: {num_pairs} key-value tokens then a query key; predict its value "
+                            f"({num_keys} keys, {num_values} values), seed={seed}",
+                meta={"vocab_size": num_keys * (num_values + 1), "seq_len": num_pairs + 1,
+                      "answer_position": which[n_train:].clone()})
+
+
+__all__ += ["associative_recall"]

@@ -566,7 +566,9 @@ def sweep(model: nn.Module, task, sparsities: Iterable[float], methods: Sequence
 
     Returns ``{(method, scope, structure, sparsity): record}`` with ``record`` = ``{"accuracy", "loss", "masks"
     ({layer: bool tensor on the CPU}), "densities" ({layer: kept fraction}), "sparsity" (achieved: the fraction of
-    prunable weights masked), "skipped": None}``. A combination that ``sl.prune`` rejects (e.g. N:M with a
+    prunable weights masked), "skipped": None, "notes": [...]}``; ``notes`` holds the warnings ``sl.prune`` gave
+    for that point (e.g. a structured target that keeping one group per layer did not let it reach: ``sparsity`` is
+    then the one reached), recorded instead of printed. A combination that ``sl.prune`` rejects (e.g. N:M with a
     sparsity other than ``1 - n/m``, a layer that N:M or blocks do not tile) is not raised but recorded with
     ``"skipped"`` = the reason and NaN accuracy and loss.
 
@@ -609,14 +611,16 @@ def sweep(model: nn.Module, task, sparsities: Iterable[float], methods: Sequence
             torch.manual_seed(seed)
             pruned = copy.deepcopy(model)
             try:
-                masks = prune(pruned, sparsity, method=method, scope=_scope_argument(pruned, scope, sparsity),
-                              structure=structure, data=data if spec.needs_data else None,
-                              loss_fn=loss_fn if spec.needs_data else None,
-                              exclude=exclude(structure) if callable(exclude) else exclude, **options)
+                with warnings.catch_warnings(record=True) as caught:  # e.g. a structured target not reached
+                    warnings.simplefilter("always", UserWarning)
+                    masks = prune(pruned, sparsity, method=method, scope=_scope_argument(pruned, scope, sparsity),
+                                  structure=structure, data=data if spec.needs_data else None,
+                                  loss_fn=loss_fn if spec.needs_data else None,
+                                  exclude=exclude(structure) if callable(exclude) else exclude, **options)
             except ValueError as error:  # an invalid combination (the library's validation): record why
                 results[(method, scope, structure, sparsity)] = {
                     "accuracy": float("nan"), "loss": float("nan"), "masks": None, "densities": None,
-                    "sparsity": float("nan"), "skipped": str(error),
+                    "sparsity": float("nan"), "skipped": str(error), "notes": [],
                 }
                 continue
             if finetune is not None:
@@ -632,6 +636,7 @@ def sweep(model: nn.Module, task, sparsities: Iterable[float], methods: Sequence
             "densities": {name: float(m.float().mean()) for name, m in masks.items()},
             "sparsity": 1.0 - kept / total,
             "skipped": None,
+            "notes": [str(w.message) for w in caught],
         }
     return results
 

@@ -384,20 +384,30 @@ def to_sparse(model: nn.Module, format: str = "csr", *, blocksize: Tuple[int, in
     return new
 
 
-def compact(model: nn.Module) -> nn.Module:
+def compact(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> nn.Module:
     """The smaller *dense* model that row (neuron) pruning leaves: pruned rows, and the matching columns of the
     next layer, are deleted (survey §7: structured sparsity maps to dense operations). ``model`` is unchanged.
 
     Covers the book's MLPs through :func:`sparsity_lib.models.shrink_mlp` (constant neurons folded into the next
-    bias; outputs equal to the masked model's). Other architectures raise ``TypeError``: channel and head
-    compaction of CNNs and transformers is Chapter 12's.
+    bias; outputs equal to the masked model's). Any other model is handed to
+    :func:`sparsity_lib.structure.compact` (Conv/BatchNorm/Linear chains with residual groups, Chapter 12), which
+    traces it on ``example_input`` (required then) and refuses patterns it cannot follow; the book's
+    :class:`~sparsity_lib.models.TinyTransformer` loses its pruned heads (:func:`sparsity_lib.attention.compact_heads`).
     """
-    from .models import MLP, shrink_mlp
+    from .models import MLP, TinyTransformer, shrink_mlp
 
-    if not isinstance(model, MLP):
-        raise TypeError(f"compact supports sparsity_lib.models.MLP (row/neuron compaction via shrink_mlp), got "
-                        f"{type(model).__name__}; channel and head compaction of other models is Chapter 12's")
-    return shrink_mlp(model)
+    if isinstance(model, MLP):
+        return shrink_mlp(model)
+    if isinstance(model, TinyTransformer):   # heads whose gate is 0 go (sparsity_lib.attention.compact_heads)
+        from .attention import compact_heads
+
+        return compact_heads(model)
+    if example_input is None:
+        raise TypeError(f"compact of a {type(model).__name__} (not a sparsity_lib.models.MLP) needs example_input, "
+                        f"one batch of inputs to trace it on (sparsity_lib.structure.compact, Chapter 12)")
+    from .structure import compact as compact_structure
+
+    return compact_structure(model, example_input)
 
 
 # ---------------------------------------------------------------------------------------------------- storage

@@ -53,8 +53,7 @@ from __future__ import annotations
 
 import copy
 import math
-import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -729,156 +728,9 @@ class TopKAST(DynamicSparsity):
         self.backward = {n: m.clone() for n, m in extra["backward"].items()}
 
 
-#: The methods by short name (``sl.growth.METHODS["rigl"]`` is :class:`RigL`), as :func:`train_sparse` takes them.
+#: The methods by short name (``sl.growth.METHODS["rigl"]`` is :class:`RigL`), as :func:`sparsity_lib.growth_runs.train_sparse` takes them.
 METHODS = {"static": Static, "set": SET, "rigl": RigL, "deepr": DeepR, "snfs": SNFS, "dsr": DSR, "topkast": TopKAST}
 
 
-# -------------------------------------------------------------------------------------- experiments (Ch. 09)
-def _active(model: nn.Module) -> Dict[str, int]:
-    return {n: int(m.sum()) for n, m in get_masks(model).items()}
-
-
-class _Recorder:
-    """fit callback: training cost in dense-step units, mask snapshots and accuracy after every epoch."""
-
-    def __init__(self, kind: str, sizes: Mapping[str, int], update: Optional[DynamicSparsity] = None):
-        self.kind, self.sizes, self.dst = kind, dict(sizes), update
-        self.dense = float(sum(sizes.values()))
-        self.cost, self.snapshots, self.explored = 0.0, [], []
-
-    def on_train_begin(self, state):
-        self.snapshots.append(get_masks(state.model))
-        self.explored.append(self.dst.explored() if self.dst else self._density())
-
-    def _density(self):
-        return sum(int(m.sum()) for m in self.snapshots[-1].values()) / self.dense
-
-    def on_step_end(self, state):
-        f_s = sum(_active(state.model).values()) / self.dense          # forward cost relative to dense
-        if self.kind in ("snfs",):
-            step = 2 * f_s + 1.0                                      # dense weight gradient every step
-        elif self.kind == "topkast":
-            f_b = sum(int(b.sum()) for b in self.dst.backward.values()) / self.dense
-            step = 2 * f_s + f_b
-        elif self.kind == "rigl" and self.dst.is_update_step(state.step):
-            step = 3 * f_s + (1.0 - f_s)                              # one dense weight gradient per update
-        else:
-            step = 3 * f_s                                            # forward + two backward products
-        self.cost += step / 3.0
-
-    def on_epoch_end(self, state):
-        self.snapshots.append(get_masks(state.model))
-        self.explored.append(self.dst.explored() if self.dst else max(self.explored[-1], self._density()))
-
-
-def train_sparse(method: str, task, model: nn.Module, sparsity: float, *, distribution="uniform", seed: int = 0,
-                 epochs: int = 10, optimizer: str = "adam", lr: Optional[float] = None, batch_size: int = 128,
-                 update_every: int = 8, end_fraction: float = 0.75, alpha: float = 0.3, **method_options) -> dict:
-    """Train ``model`` (dense, changed in place) to ``sparsity`` with one method and return a record.
-
-    ``method`` is a key of :data:`METHODS` (``"static"``, ``"set"``, ``"rigl"``, ``"deepr"``, ``"snfs"``,
-    ``"dsr"``, ``"topkast"``) or ``"gmp"``: dense-to-sparse gradual magnitude pruning (Zhu & Gupta, Chapter 02,
-    :class:`sparsity_lib.schedules.GradualPruner` from step 0 to ``end``, every ``update_every`` steps, into the
-    same layer budget). All run ``epochs`` epochs of :func:`sparsity_lib.train.fit` (cosine learning rate), with
-    ``end = end_fraction * total steps``. The record holds ``accuracy`` (final test accuracy), ``curve`` (test
-    accuracy after every epoch), ``iou`` (IoU of the mask after every epoch, and at the start, with the final
-    mask), ``explored`` (fraction of the weights ever active, after every epoch), ``density`` (final per-layer
-    density), ``updates`` (the method's update records) and ``cost`` (training cost relative to dense training:
-    a step costs three products per weight, forward and two backward, :math:`3 f_S`; RigL adds a dense weight
-    gradient on update steps, SNFS one on every step, Top-KAST the backward set's; GMP pays for its density at
-    every step).
-    """
-    from . import schedules as _schedules
-    from .compare import iou
-    from .train import fit, make_optimizer
-
-    sizes = {n: w.numel() for n, w in prunable(model).items()}
-    steps = epochs * task.num_batches(batch_size)
-    end = max(1, int(end_fraction * steps))
-    opt = make_optimizer(model, optimizer, lr=lr)
-    if method == "gmp":
-        budget = (dict(_budgets.BUDGETS[distribution](model, sparsity)) if isinstance(distribution, str)
-                  else dict(distribution))
-        pruner = _schedules.GradualPruner(model, sparsity, begin=0, end=end, frequency=update_every,
-                                          method="magnitude", scope=budget)
-        recorder = _Recorder("gmp", sizes)
-        callbacks = [pruner, recorder]
-        dst = None
-    else:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS) + ['gmp']}, got {method!r}")
-        dst = METHODS[method](model, opt, sparsity, distribution=distribution, update_every=update_every,
-                              end=end, alpha=alpha, seed=seed, **method_options)
-        recorder = _Recorder(method, sizes, dst)
-        callbacks = [dst, recorder]
-    history = fit(model, task, epochs=epochs, optimizer=opt, batch_size=batch_size, seed=seed,
-                  callbacks=callbacks, progress=False)
-    final = recorder.snapshots[-1]
-    return {"method": method, "sparsity": sparsity, "seed": seed, "distribution":
-            distribution if isinstance(distribution, str) else "custom",
-            "accuracy": history[-1]["test_acc"], "curve": [h["test_acc"] for h in history],
-            "iou": [iou(s, final) for s in recorder.snapshots], "explored": recorder.explored,
-            "density": {n: float(m.float().mean()) for n, m in final.items()},
-            "updates": list(dst.history) if dst else [], "cost": recorder.cost / steps, "steps": steps, "end": end}
-
-
-def compare(task, model_fn: Callable[[int], nn.Module], methods: Sequence[str], sparsities: Sequence[float],
-            distributions: Sequence = ("uniform",), seeds: Sequence[int] = (0,), **options) -> List[dict]:
-    """:func:`train_sparse` for every method x sparsity x distribution x seed, all from ``model_fn(seed)`` (the
-    same initial weights and, for the random-mask methods, the same initial mask for one seed); returns the list
-    of records (the chapter's precomputed grid). ``options`` go to :func:`train_sparse`."""
-    records = []
-    for seed in seeds:
-        for distribution in distributions:
-            for s in sparsities:
-                for method in methods:
-                    start = time.perf_counter()
-                    record = train_sparse(method, task, model_fn(seed), s, distribution=distribution, seed=seed,
-                                          **options)
-                    record["seconds"] = time.perf_counter() - start
-                    records.append(record)
-    return records
-
-
-def dst_step_benchmark(steps: int = 50, warmup: int = 5, sparsity: float = 0.9, batch_size: int = 64,
-                       update_every: int = 100) -> List[dict]:
-    """Median seconds of a training step of LeNet-300-100 on digits (forward, backward, ``step()``, SGD step)
-    for a static mask, SET, RigL and SNFS at ``sparsity``; rows for ``make bench``: a DST step vs a static masked
-    step. RigL is timed twice: on an update step (``update_every=1``: dense gradient, drop and grow every step)
-    and amortized over ``update_every`` steps (the dense-gradient recording happens only on update steps).
-    Returns ``[{"method", "ms", "vs static"}, ...]``."""
-    import statistics
-
-    from . import data, models
-    from torch.nn import functional as F
-
-    task = data.digits(seed=0)
-    batches = task.batches(batch_size, seed=0, drop_last=True)
-    variants = {"static mask": (Static, {}), "SET (update every step)": (SET, dict(update_every=1)),
-                "RigL (update every step)": (RigL, dict(update_every=1)),
-                f"RigL (update every {update_every})": (RigL, dict(update_every=update_every)),
-                "SNFS (dense gradient every step)": (SNFS, dict(update_every=update_every))}
-    nets = {}
-    for label, (cls, options) in variants.items():
-        model = models.lenet_300_100(seed=0)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        nets[label] = (model, opt, cls(model, opt, sparsity, end=10 ** 9, alpha=0.1, schedule="constant",
-                                       **options))
-    times = {label: [] for label in variants}
-    for i in range(warmup + steps):
-        x, y = batches[i % len(batches)]
-        for label, (model, opt, dst) in nets.items():
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            dst.step()
-            opt.step()
-            if i >= warmup:
-                times[label].append(time.perf_counter() - start)
-    base = statistics.median(times["static mask"])
-    return [{"method": label, "ms": 1e3 * statistics.median(t), "vs static": statistics.median(t) / base}
-            for label, t in times.items()]
-
-
 __all__ = ["DynamicSparsity", "Static", "SET", "RigL", "DeepR", "SNFS", "DSR", "TopKAST", "METHODS", "cosine_fraction",
-           "apportion", "drop_then_grow", "train_sparse", "compare", "dst_step_benchmark", "DISTRIBUTIONS", "SCHEDULES"]
+           "apportion", "drop_then_grow", "DISTRIBUTIONS", "SCHEDULES"]

@@ -286,3 +286,164 @@ def shrink_mlp(model: MLP) -> MLP:
 
 
 __all__ += ["shrink_mlp"]
+
+
+# ------------------------------------------------------------------------------------- Chapter 12: ResNet-like CNN
+class ResidualBlock(nn.Module):
+    """``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``, 3x3 convolutions without bias (He et al. {cite}`he2016deep`).
+
+    The addition couples ``conv2``'s output channels with those of whatever produced ``x``: they can only be
+    removed together (:mod:`sparsity_lib.structure`)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResidualCNN(nn.Module):
+    """A small residual CNN with batch norm for 8x8 images (Chapter 12): ``stem`` (conv 1->c, BN, ReLU), ``blocks``
+    (:class:`ResidualBlock` with ``hidden`` inner channels each), 2x2 max-pool, flatten, ``fc`` (c*4*4 -> classes).
+
+    Accepts ``(N, 64)`` or ``(N, 1, 8, 8)``. The stem and every block's ``conv2`` write into one residual stream:
+    one coupled channel group of ``c`` channels; each block's ``conv1`` is a group of its own."""
+
+    def __init__(self, channels: int = 16, hidden: int = 16, num_blocks: int = 2, num_classes: int = 10):
+        super().__init__()
+        for value, name in ((channels, "channels"), (hidden, "hidden"), (num_blocks, "num_blocks"),
+                            (num_classes, "num_classes")):
+            _check_positive_int(value, name)
+        self.stem = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(channels)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels, hidden) for _ in range(num_blocks)])
+        self.fc = nn.Linear(channels * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], 1, 8, 8)
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = self.blocks(x)
+        return self.fc(F.max_pool2d(x, 2).flatten(1))
+
+
+def residual_cnn(channels: int = 16, hidden: int = 16, num_blocks: int = 2, num_classes: int = 10, *,
+                 seed: Optional[int] = 0) -> ResidualCNN:
+    """A :class:`ResidualCNN` with weights drawn from ``seed``."""
+    with _seeded(seed):
+        return ResidualCNN(channels, hidden, num_blocks, num_classes)
+
+
+__all__ += ["ResidualBlock", "ResidualCNN", "residual_cnn"]
+
+
+# ------------------------------------------------------------------------------------- Chapter 12: tiny transformer
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with separate ``q``, ``k``, ``v``, ``out`` Linear layers (all prunable by
+    ``sl.prune``), a per-head gate :math:`\\xi_h` (buffer ``head_gate``, ones; head pruning sets entries to 0) and
+    an optional boolean attention pattern over (query, key) (:mod:`sparsity_lib.attention`)::
+
+        A_h = softmax(Q_h K_h^T / sqrt(d_h) + log M),   out = W_o concat_h(xi_h A_h V_h)
+
+    (Vaswani et al. {cite}`vaswani2017attention`; gates as in Michel et al. {cite}`michel2019sixteen`).
+    ``pattern`` (``(L, L)`` bool, True = may attend) and ``topk`` (keep the ``topk`` largest scores per query,
+    data-dependent sparse attention) are plain attributes, ``None`` = dense.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        _check_positive_int(dim, "dim")
+        _check_positive_int(num_heads, "num_heads")
+        if dim % num_heads:
+            raise ValueError(f"num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.register_buffer("head_gate", torch.ones(num_heads))
+        self.pattern: Optional[torch.Tensor] = None
+        self.topk: Optional[int] = None
+        self.last_attention: Optional[torch.Tensor] = None
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        return x.reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n, length, _ = x.shape
+        q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
+        scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5            # (N, H, L, L)
+        if self.pattern is not None:
+            scores = scores.masked_fill(~self.pattern[:length, :length].to(scores.device), float("-inf"))
+        if self.topk is not None and self.topk > length:
+            raise ValueError(f"topk must be <= the sequence length {length} (keys per query), got {self.topk}")
+        if self.topk is not None and self.topk < length:
+            kth = scores.topk(self.topk, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        attention = torch.softmax(scores, dim=-1)
+        self.last_attention = attention.detach()
+        heads = attention @ v                                                   # (N, H, L, d_h)
+        gate = self.head_gate if gate is None else gate
+        heads = heads * gate.reshape(1, -1, 1, 1)
+        return self.out(heads.transpose(1, 2).reshape(n, length, self.num_heads * self.head_dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))`` with ``mlp = fc2(gelu(fc1(.)))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, num_heads)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """A tiny pre-norm transformer classifier for token sequences (Chapter 12): token and learned position
+    embeddings, ``blocks.i`` (:class:`TransformerBlock`), a final LayerNorm and ``head`` (dim -> num_classes)
+    read at the **last** position. Inputs ``(N, L)`` int64 tokens, output ``(N, num_classes)`` logits, so it trains
+    with :func:`sparsity_lib.train.fit` and cross-entropy like every model of the book.
+
+    Prunable layers: ``blocks.i.attn.{q,k,v,out}`` and ``blocks.i.{fc1,fc2}`` and ``head``; the embeddings are not
+    Linear layers and stay dense. Head gates: ``blocks.i.attn.head_gate``.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, max_len: int, dim: int = 32, num_heads: int = 4,
+                 num_layers: int = 2, mlp_ratio: int = 2):
+        super().__init__()
+        for value, name in ((vocab_size, "vocab_size"), (num_classes, "num_classes"), (max_len, "max_len"),
+                            (num_layers, "num_layers"), (mlp_ratio, "mlp_ratio")):
+            _check_positive_int(value, name)
+        self.max_len = max_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.blocks = nn.ModuleList([TransformerBlock(dim, num_heads, mlp_ratio) for _ in range(num_layers)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def attentions(self):
+        """The :class:`MultiHeadAttention` modules, in order."""
+        return [block.attn for block in self.blocks]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[1] > self.max_len:
+            raise ValueError(f"tokens must be (N, L) with L <= max_len={self.max_len}, got {tuple(tokens.shape)}")
+        x = self.embed(tokens.long()) + self.pos[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x[:, -1]))
+
+
+def tiny_transformer(vocab_size: int, num_classes: int, max_len: int, dim: int = 32, num_heads: int = 4,
+                     num_layers: int = 2, mlp_ratio: int = 2, *, seed: Optional[int] = 0) -> TinyTransformer:
+    """A :class:`TinyTransformer` with weights drawn from ``seed``."""
+    with _seeded(seed):
+        return TinyTransformer(vocab_size, num_classes, max_len, dim, num_heads, num_layers, mlp_ratio)
+
+
+__all__ += ["MultiHeadAttention", "TransformerBlock", "TinyTransformer", "tiny_transformer"]

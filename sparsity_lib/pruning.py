@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from . import distributed as _dist
 from . import scores as _scores
+from .plumbing import check_finite
 from .masks import apply_masks, check_maskable, get_masks, set_weights, validate_masks
 from .select import (check_budget, check_sparsity, check_structure, global_masks, is_n_m, layerwise_masks,
                      n_m_masks)
@@ -116,10 +117,7 @@ def _tensors(item):
 def _check_finite_data(items):
     for i, item in enumerate(items):
         for what, t in _tensors(item):
-            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise ValueError(f"data: the {what} of batch {i} contain {bad} non-finite values (NaN or inf); "
-                                 f"clean the data first (nothing was changed)")
+            check_finite(t, f"data: the {what} of batch {i}")
 
 
 def _first_batch(data):

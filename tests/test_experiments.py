@@ -316,3 +316,18 @@ def test_records_drive_an_explorer_directly(trained):
     assert out["moves"] == 4 and explorer.values == {"sparsity": 0.5, "method": "magnitude"}
     with pytest.raises(KeyError):
         experiments.select(records, target=0.9)
+
+
+def test_sweep_records_an_unreached_structured_target_as_a_note_not_a_printed_warning(trained):
+    """Global neuron pruning at 98% on a 16-32-16-4 MLP cannot empty a layer (allow_empty_layers=False): the point
+    records the sparsity reached and sl.prune's warning as a note, and no warning reaches the notebook."""
+    model, task = trained
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # any escaping warning fails the test
+        records = experiments.sweep(model, task, [0.98], methods=["magnitude"], structures=("neuron",))
+    record = records[("magnitude", "global", "neuron", 0.98)]
+    assert record["skipped"] is None
+    assert any("target was not reached" in note for note in record["notes"])
+    kept_rows = {n: int(m.any(dim=1).sum()) for n, m in record["masks"].items()}
+    assert all(k >= 1 for k in kept_rows.values()), kept_rows
+    assert record["sparsity"] < 0.98

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import sparsity_lib as sl
-from sparsity_lib import growth
+from sparsity_lib import growth, growth_runs
 from sparsity_lib.select import drop_and_grow
 
 
@@ -344,7 +344,7 @@ def test_other_refusals():
 # ----------------------------------------------------------------------------------------- experiment records
 def test_compare_records_costs_and_exploration():
     task = sl.data.teacher_student(n_train=256, n_test=128, in_features=16, seed=0)
-    records = growth.compare(task, lambda seed: make(seed), ["static", "rigl", "snfs", "gmp"], [0.8], ["uniform"],
+    records = growth_runs.compare(task, lambda seed: make(seed), ["static", "rigl", "snfs", "gmp"], [0.8], ["uniform"],
                              seeds=[0], epochs=2, batch_size=32, update_every=2, optimizer="sgd", lr=0.05)
     by = {r["method"]: r for r in records}
     sizes = {n: w.numel() for n, w in sl.prunable(make()).items()}
@@ -361,11 +361,12 @@ def test_compare_records_costs_and_exploration():
     assert 0.2 < by["gmp"]["cost"] < 1.0 and by["gmp"]["explored"][0] == 1.0     # dense at the start
     assert by["rigl"]["explored"][-1] > 0.2 and len(by["rigl"]["updates"]) == 5
     with pytest.raises(ValueError, match="method must be one of"):
-        growth.train_sparse("magic", task, make(), 0.8, epochs=1)
+        growth_runs.train_sparse("magic", task, make(), 0.8, epochs=1)
 
 
 def test_dst_step_benchmark_rows():
-    rows = growth.dst_step_benchmark(steps=2, warmup=1)
+    from sparsity_lib.bench.growth import dst_step_benchmark
+    rows = dst_step_benchmark(steps=2, warmup=1)
     assert [r["method"] for r in rows][0] == "static mask" and rows[0]["vs static"] == 1.0
     assert len(rows) == 5 and all(r["ms"] > 0 for r in rows)
 

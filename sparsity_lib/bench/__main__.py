@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from . import layerwise, masked_steps
+from . import growth, layerwise, masked_steps
 from .. import speed
 
 
@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.layerwise:
         print()
         layerwise.print_table(args, prefix="layer-")
+    print()
+    print(growth.table(steps=max(args.steps, 10), warmup=args.warmup))
     if args.sparse_kernels:
         print()
         print(speed.bench_table(threads=1))
