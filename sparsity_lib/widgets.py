@@ -468,8 +468,9 @@ def static_explorer(controls: Mapping[str, Sequence], traces: Callable[..., Sequ
     visible, in the browser, with no kernel and no network (the rendered book serves plotly.js from ``_static/``).
 
     Arguments:
-        controls: ``{name: values}`` with one or two controls. One control becomes a slider; with two, the first
-            becomes a dropdown and the second a slider (the slider keeps the dropdown's choice).
+        controls: ``{name: values}`` with one or two controls. One control becomes a slider (numbers) or a
+            dropdown (anything else); with two, the first becomes a dropdown and the second a slider (the slider
+            keeps the dropdown's choice).
         traces: ``traces(**values)`` returns the list of Plotly trace dicts of one combination of values, e.g.
             ``[{"x": xs, "y": ys, "name": "magnitude"}]``. It must only look up precomputed results.
             Arrays may be numpy / torch; numbers are rounded to 4 significant digits to keep the page small.
@@ -549,16 +550,23 @@ def static_explorer(controls: Mapping[str, Sequence], traces: Callable[..., Sequ
                 "pad": {"t": 40, "b": 0}, "len": 1.0, "x": 0.0}
 
     menus = []
-    if len(names) == 2:   # the open dropdown hangs over the plot: the figure must be tall enough to show all of it
-        height = max(height, 150 + 36 * len(controls[names[0]]))
+    # one control of numbers: a slider; of anything else (method names...): a dropdown. Two: dropdown and slider.
+    dropdown = len(names) == 2 or not all(_is_number(v) for v in controls[names[0]])
+    if dropdown:   # the open dropdown hangs over the plot: make room for it (plotly.js scrolls a longer list)
+        height = max(height, min(150 + 36 * len(controls[names[0]]), 600))
         first_name = names[0]
-        buttons = [{"method": "update", "label": label[first_name](value),
-                    "args": [{"visible": visibility((value, start[-1]))}, {"sliders": [slider(value)]}]}
-                   for value in controls[first_name]]
+        if len(names) == 2:
+            buttons = [{"method": "update", "label": label[first_name](value),
+                        "args": [{"visible": visibility((value, start[-1]))}, {"sliders": [slider(value)]}]}
+                       for value in controls[first_name]]
+        else:
+            buttons = [{"method": "restyle", "label": label[first_name](value),
+                        "args": [{"visible": visibility((value,))}]} for value in controls[first_name]]
         menus = [{"type": "dropdown", "buttons": buttons, "active": list(controls[first_name]).index(start[0]),
                   "x": 0.0, "xanchor": "left", "y": 1.0, "yanchor": "bottom", "pad": {"b": 8},
                   "showactive": True}]
-    figure.update_layout(sliders=[slider(start[0])], updatemenus=menus, height=height,
+    sliders = [] if dropdown and len(names) == 1 else [slider(start[0])]
+    figure.update_layout(sliders=sliders, updatemenus=menus, height=height,
                          margin={"l": 60, "r": 20, "t": 70 if menus else 40, "b": 40},
                          template="simple_white", font={"size": 13}, legend={"font": {"size": 12}})
     if layout:

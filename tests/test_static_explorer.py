@@ -88,3 +88,9 @@ def test_a_trace_shared_by_several_combinations_is_stored_once():
         for s in (0.5, 0.9):
             shown = [t for t, v in zip(ex.figure.data, ex.visible(method=method, sparsity=s)) if v]
             assert [list(t.y) for t in shown] == [[ACC[method, 0.5], ACC[method, 0.9]], [ACC[method, s]]]
+
+
+def test_one_control_of_names_is_a_dropdown_without_slider():
+    ex = sl.widgets.static_explorer({"method": ["magnitude", "random"]}, lambda method: traces(method, 0.9))
+    assert ex.figure.layout.sliders == () and len(ex.figure.layout.updatemenus[0].buttons) == 2
+    assert ex.figure.layout.updatemenus[0].buttons[1].args[0]["visible"] == ex.visible(method="random")

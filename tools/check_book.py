@@ -97,9 +97,14 @@ def move_controls(page, div):
         page.wait_for_timeout(200)
         buttons = div.query_selector_all(".updatemenu-dropdown-button")
         if len(buttons) > 1:
-            click(buttons[-1])
-            done.append("picked the last dropdown entry")
+            click(buttons[1])   # the second entry (a long list scrolls; the first two are always in view)
+            done.append("picked another dropdown entry")
             page.wait_for_timeout(300)
+            if div.evaluate(MOVE_JS) == before:   # the second entry was the one shown: pick the first
+                click(header)
+                page.wait_for_timeout(200)
+                click(div.query_selector_all(".updatemenu-dropdown-button")[0])
+                page.wait_for_timeout(300)
     after_menu = div.evaluate(MOVE_JS)
     rail = div.query_selector(".slider-rail-touch-rect") or div.query_selector(".slider-rail-rect")
     changed_by_slider = False
