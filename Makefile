@@ -3,6 +3,7 @@
 #   make book    set up .venv, execute every chapter fresh, build the HTML book, print the path of index.html
 #   make test    set up .venv, run the library tests and every chapter notebook (pytest + nbval)
 #   make lab     set up .venv, open JupyterLab on chapters/
+#   make check-book   open every page of the built book in headless Chromium, offline (tools/check_book.py)
 #   make bench   set up .venv, print the timing tables of sparsity_lib.bench (masked training steps, chapters, OBC/SparseGPT)
 #   make student write the student edition of the notebooks into _build/student (solutions replaced by stubs)
 #   make clean   remove the built book and caches (keeps .venv)
@@ -37,7 +38,7 @@ LAB_FLAGS ?=
 # Jupyter refuses to start as root (common in containers) unless told so explicitly.
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: help setup test book lab bench clean distclean
+.PHONY: help setup test book check-book lab bench clean distclean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -79,6 +80,12 @@ book: $(STAMP)
 	env -u MPLBACKEND $(BIN)/jupyter-book build $(BOOK_FLAGS) .
 	@echo
 	@echo "The book: $(abspath _build/html/index.html)"
+
+# After `make book`: every page opened from disk in headless Chromium with the network blocked (no console error,
+# no request off this machine, every equation typeset, every chapter's kernel-free explorer moves); screenshots go
+# to _build/html/_screenshots/. Needs a Chromium (Debian: apt-get install chromium; .ci/run installs it).
+check-book: $(STAMP)
+	$(BIN)/python tools/check_book.py _build/html $(if $(CHROMIUM),--chromium $(CHROMIUM))
 
 lab: $(STAMP)
 	$(BIN)/jupyter-lab --ServerApp.root_dir=chapters $(LAB_ROOT) $(LAB_FLAGS)

@@ -11,6 +11,9 @@ figure. Three pieces:
   them, keep accuracy, loss and masks), with accuracy curve, mask and layer bars;
   :func:`sparsity_lib.experiments.curves` turns a sweep into the static accuracy-vs-sparsity figure next to it.
 * :meth:`Explorer.self_test`: the check every chapter runs on its widget (hidden in the book).
+* :func:`static_explorer`: the kernel-free twin of a chapter's explorer, for the rendered book: a Plotly figure
+  whose slider / dropdown switch between precomputed traces in the reader's browser, with no kernel and no
+  network (the book serves plotly.js once from its own ``_static/``; see ``tools/book_static.py``).
 
 In the rendered book there is no kernel, so a widget is frozen; the chapters show the full sweep next to it in a
 static figure. Ending a cell with an explorer displays the widget and nothing else (no callback repr)::
@@ -390,4 +393,185 @@ def pruning_explorer(sweep_results: Mapping[tuple, dict], layer: Optional[str] =
                     formats={name: fmt for name, fmt in formats.items() if name in controls})
 
 
-__all__ = ["Explorer", "sweep", "curves", "pruning_explorer", "structure_label"]
+# ------------------------------------------------------------------------------- the kernel-free explorer
+def _compact(value, key=None):
+    """Plain JSON-able lists with 4 significant digits (numpy / torch arrays included): keeps pages small.
+    Matplotlib colour names (``"C0"``, ``"0.8"``, ``"tab:red"``) become the hex colours Plotly understands."""
+    if key == "color" and isinstance(value, str):
+        from matplotlib.colors import to_hex
+
+        try:
+            return to_hex(value)
+        except ValueError:
+            return value                          # Plotly's own forms, e.g. "rgba(0,0,0,0)"
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, (list, tuple)):
+        return [_compact(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _compact(v, k) for k, v in value.items()}
+    return value
+
+
+class StaticExplorer:
+    """What :func:`static_explorer` returns: displays as the Plotly figure (``text/html`` for the book, Plotly's
+    own mimetype for JupyterLab). ``figure`` is the ``plotly.graph_objects.Figure``; ``combinations`` lists the
+    control values in the order of ``groups`` (the indices of each combination's traces)."""
+
+    _count = 0
+
+    def __init__(self, figure, controls, combinations, groups):
+        self.figure, self.controls, self.combinations, self.groups = figure, controls, combinations, groups
+        StaticExplorer._count += 1
+        self.div_id = f"sl-static-explorer-{StaticExplorer._count}"
+
+    def visible(self, **values):
+        """The trace visibility a reader sees after choosing ``values`` (every control named)."""
+        key = tuple(values[name] for name in self.controls)
+        index = self.combinations.index(key)
+        return [i in self.groups[index] for i in range(len(self.figure.data))]
+
+    def to_html(self) -> str:
+        """A ``<div>`` and a small script that draws the figure with the page's plotly.js (never inlined: the book
+        loads ``_static/vendor/plotly.min.js`` once, on the pages that have this class of div)."""
+        import json
+
+        spec = json.dumps(self.figure.to_plotly_json(), separators=(",", ":"), default=str)
+        config = '{"responsive":true,"displaylogo":false,"modeBarButtonsToRemove":["toImage"]}'
+        return (
+            f'<div class="sl-static-explorer" id="{self.div_id}" style="width:100%;min-height:'
+            f'{int(self.figure.layout.height or 400)}px"></div>\n'
+            f'<script type="text/javascript">(function(){{var id="{self.div_id}",f={spec};'
+            f'function draw(){{var d=document.getElementById(id);if(!d)return;if(!window.Plotly){{d.textContent='
+            f'"(interactive figure: plotly.js is not loaded here; run the notebook and use the explorer above)";'
+            f'return;}}window.Plotly.newPlot(d,f.data,f.layout,{config});}}'
+            f'if(document.readyState==="loading"){{document.addEventListener("DOMContentLoaded",draw);}}'
+            f'else{{draw();}}}})();</script>')
+
+    def _repr_mimebundle_(self, **kwargs):
+        return {"text/html": self.to_html(),
+                "application/vnd.plotly.v1+json": self.figure.to_plotly_json(),
+                "text/plain": f"StaticExplorer({', '.join(self.controls)}): an interactive Plotly figure"}
+
+    def __repr__(self) -> str:
+        return f"StaticExplorer(controls={list(self.controls)}, traces={len(self.figure.data)})"
+
+
+def static_explorer(controls: Mapping[str, Sequence], traces: Callable[..., Sequence[Mapping[str, Any]]], *,
+                    formats: Optional[Mapping[str, Callable[[Any], str]]] = None,
+                    initial: Optional[Mapping[str, Any]] = None, height: int = 380,
+                    **layout) -> StaticExplorer:
+    """The kernel-free twin of a chapter's explorer: every combination of control values is drawn *now*, from
+    precomputed results, into one Plotly figure, and the reader's slider / dropdown only switches which traces are
+    visible, in the browser, with no kernel and no network (the rendered book serves plotly.js from ``_static/``).
+
+    Arguments:
+        controls: ``{name: values}`` with one or two controls. One control becomes a slider (numbers) or a
+            dropdown (anything else); with two, the first becomes a dropdown and the second a slider (the slider
+            keeps the dropdown's choice).
+        traces: ``traces(**values)`` returns the list of Plotly trace dicts of one combination of values, e.g.
+            ``[{"x": xs, "y": ys, "name": "magnitude"}]``. It must only look up precomputed results.
+            Arrays may be numpy / torch; numbers are rounded to 4 significant digits to keep the page small.
+        formats: ``{name: function(value) -> str}`` for the labels of a control's values (default ``str`` /
+            ``{:g}``).
+        initial: the values shown first (default: each control's first value).
+        height: figure height in pixels (the width follows the page column).
+        layout: passed to Plotly's ``Figure.update_layout`` (``title=``, ``xaxis_title=``, ``yaxis_type="log"``,
+            ``yaxis_range=[0, 1]``, ...).
+
+    Returns a :class:`StaticExplorer`; end a cell with it to show it. Example::
+
+        >>> sl.widgets.static_explorer(
+        ...     {"method": ["magnitude", "random"], "sparsity": [0.5, 0.9]},
+        ...     lambda method, sparsity: [{"type": "bar", "x": layers, "y": density[method, sparsity]}],
+        ...     yaxis_title="density")
+    """
+    import itertools
+
+    import plotly.graph_objects as go
+
+    if not isinstance(controls, Mapping) or not 1 <= len(controls) <= 2:
+        raise ValueError(f"controls must be a dict of one or two {{name: values}}, got {controls!r}")
+    for name, values in controls.items():
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ValueError(f"controls[{name!r}] must be a non-empty list of values, got {values!r}")
+    if not callable(traces):
+        raise TypeError(f"traces must be a function traces(**values) -> list of trace dicts, got {traces!r}")
+    names = list(controls)
+    formats = dict(formats or {})
+    unknown = set(formats) - set(names)
+    if unknown:
+        raise ValueError(f"formats names unknown controls {sorted(unknown)}; the controls are {names}")
+    label = {name: formats.get(name, _default_format) for name in names}
+    initial = dict(initial or {})
+    for name, value in initial.items():
+        if name not in controls or value not in list(controls[name]):
+            raise ValueError(f"initial[{name!r}] must be one of {list(controls.get(name, []))}, got {value!r}")
+    start = tuple(initial.get(name, controls[name][0]) for name in names)
+
+    import json
+
+    unique, index_of = [], {}   # a trace drawn the same in several combinations is stored once (page weight)
+    combinations, groups = [], []
+    for combo in itertools.product(*(list(controls[name]) for name in names)):
+        drawn = traces(**dict(zip(names, combo)))
+        if isinstance(drawn, Mapping) or not isinstance(drawn, Sequence):
+            raise TypeError(f"traces({dict(zip(names, combo))}) must return a list of trace dicts, got {drawn!r}")
+        group = []
+        for trace in drawn:
+            trace = _compact(dict(trace))
+            trace.setdefault("type", "scatter")
+            key = json.dumps(trace, sort_keys=True, default=str)
+            if key not in index_of:
+                index_of[key] = len(unique)
+                unique.append(trace)
+            if index_of[key] not in group:
+                group.append(index_of[key])
+        combinations.append(combo)
+        groups.append(group)
+    n = len(unique)
+    shown = set(groups[combinations.index(start)])
+    figure = go.Figure([{**trace, "visible": i in shown} for i, trace in enumerate(unique)])
+
+    def visibility(combo):
+        on = set(groups[combinations.index(combo)])
+        return [i in on for i in range(n)]
+
+    def slider(fixed_first):   # the slider over the last control; with two controls the first is held at fixed_first
+        last = names[-1]
+        steps = []
+        for value in controls[last]:
+            combo = (value,) if len(names) == 1 else (fixed_first, value)
+            steps.append({"method": "restyle", "label": label[last](value), "args": [{"visible": visibility(combo)}]})
+        active = list(controls[last]).index(start[-1])
+        return {"active": active, "steps": steps, "currentvalue": {"prefix": f"{last}: "},
+                "pad": {"t": 40, "b": 0}, "len": 1.0, "x": 0.0}
+
+    menus = []
+    # one control of numbers: a slider; of anything else (method names...): a dropdown. Two: dropdown and slider.
+    dropdown = len(names) == 2 or not all(_is_number(v) for v in controls[names[0]])
+    if dropdown:   # the open dropdown hangs over the plot: make room for it (plotly.js scrolls a longer list)
+        height = max(height, min(150 + 36 * len(controls[names[0]]), 600))
+        first_name = names[0]
+        if len(names) == 2:
+            buttons = [{"method": "update", "label": label[first_name](value),
+                        "args": [{"visible": visibility((value, start[-1]))}, {"sliders": [slider(value)]}]}
+                       for value in controls[first_name]]
+        else:
+            buttons = [{"method": "restyle", "label": label[first_name](value),
+                        "args": [{"visible": visibility((value,))}]} for value in controls[first_name]]
+        menus = [{"type": "dropdown", "buttons": buttons, "active": list(controls[first_name]).index(start[0]),
+                  "x": 0.0, "xanchor": "left", "y": 1.0, "yanchor": "bottom", "pad": {"b": 8},
+                  "showactive": True}]
+    sliders = [] if dropdown and len(names) == 1 else [slider(start[0])]
+    figure.update_layout(sliders=sliders, updatemenus=menus, height=height,
+                         margin={"l": 60, "r": 20, "t": 70 if menus else 40, "b": 40},
+                         template="simple_white", font={"size": 13}, legend={"font": {"size": 12}})
+    if layout:
+        figure.update_layout(**layout)
+    return StaticExplorer(figure, names, combinations, groups)
+
+
+__all__ = ["Explorer", "sweep", "curves", "pruning_explorer", "structure_label", "static_explorer"]
