@@ -55,6 +55,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .masks import PRUNABLE_TYPES, _prunable_modules
+from .plumbing import eval_mode
 
 #: Every format this module prices, in the order of survey Fig. 5 (plus ELLPACK and blocked CSR).
 FORMATS: Tuple[str, ...] = ("dense", "bitmap", "coo", "csr", "delta", "ell", "bsr")
@@ -687,16 +688,12 @@ def flops(model: nn.Module, inputs) -> FlopCount:
             entry["input_density"] = float((layer_in != 0).float().mean())
 
     handles = [module.register_forward_hook(hook) for module in modules.values()]
-    was_training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        for m, t in was_training.items():
-            m.train(t)
     missing = [n for n in modules if n not in records]
     if missing:
         raise ValueError(f"layers {missing} were not used in the forward pass, so their cost is unknown")

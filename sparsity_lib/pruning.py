@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from . import distributed as _dist
 from . import scores as _scores
-from .plumbing import check_finite
+from .plumbing import check_finite, eval_mode
 from .masks import apply_masks, check_maskable, get_masks, set_weights, validate_masks
 from .select import (check_budget, check_sparsity, check_structure, global_masks, is_n_m, layerwise_masks,
                      n_m_masks)
@@ -158,14 +158,8 @@ def _check_loss(spec, model, data, loss_fn):
         raise ValueError(f"loss_fn is required: the default cross-entropy needs integer class targets, but the "
                          f"targets of data have dtype {y.dtype}; {advice}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(x.to(device))
-    finally:
-        for m, t in training.items():
-            m.train(t)
+    with eval_mode(model), torch.no_grad():
+        out = model(x.to(device))
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         raise ValueError(f"loss_fn is required: the default cross-entropy needs class scores of shape "
                          f"(batch, classes, ...), but the model returns "

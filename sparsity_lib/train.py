@@ -51,6 +51,7 @@ from torch.nn import functional as F
 from . import config
 from .data import Task
 from .masks import sparsity as model_sparsity
+from .plumbing import eval_mode
 
 LrSchedule = Union[None, str, Callable[[int, int], float]]
 #: Default learning rates of the optimizers :func:`fit` builds by name.
@@ -196,19 +197,14 @@ def evaluate(model: nn.Module, data, *, split: str = "test", loss_fn: Optional[C
     """
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     _check_int(batch_size, "batch_size")
-    was_training = model.training
-    model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for inputs, targets in _as_batches(data, split, batch_size):
-                logits = model(inputs)
-                n = targets.shape[0]
-                total_loss += float(loss_fn(logits, targets)) * n
-                correct += int((logits.argmax(dim=1) == targets).sum())
-                count += n
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():   # every module gets its own training flag back afterwards
+        for inputs, targets in _as_batches(data, split, batch_size):
+            logits = model(inputs)
+            n = targets.shape[0]
+            total_loss += float(loss_fn(logits, targets)) * n
+            correct += int((logits.argmax(dim=1) == targets).sum())
+            count += n
     if count == 0:
         raise ValueError("data holds no examples")
     return {"loss": total_loss / count, "accuracy": correct / count}

@@ -128,3 +128,16 @@ def test_flatten_unflatten_round_trip_and_checks():
     for bad in (-0.1, float("nan"), float("inf"), "x", False):
         with pytest.raises(ValueError, match="damp must be a number >= 0"):
             plumbing.check_number(bad, "damp", minimum=0.0)
+
+
+def test_evaluate_gives_every_module_its_own_training_flag_back():
+    """sl.train.evaluate runs in eval mode and restores each module's own flag (a model may mix both: e.g. a
+    frozen batch norm kept in eval mode inside a model that trains)."""
+    import sparsity_lib as sl
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model.train()
+    model[1].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    sl.train.evaluate(model, (x, y))
+    assert {name: m.training for name, m in model.named_modules()} == before
