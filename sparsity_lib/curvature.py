@@ -36,10 +36,9 @@ from typing import Dict, Tuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .masks import _original, _prunable_modules, prunable
-from .plumbing import (batch_size, batches, check_finite, check_number, check_positive_int, eval_mode, flatten,
+from .plumbing import (batch_size, batches, check_finite, check_loss_fn, check_number, check_positive_int, eval_mode, flatten,
                        unflatten)
 
 #: Default relative damping of every second-order method: lambda = 0.01 * mean |diag H|, the ``percdamp`` of the
@@ -168,12 +167,7 @@ class _Functional:
         return self.loss(flat, x.unsqueeze(0), y.unsqueeze(0))
 
 
-def _default_loss(loss_fn):
-    if loss_fn is None:
-        return F.cross_entropy
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-    return loss_fn
+_default_loss = check_loss_fn  # the one check of plumbing
 
 
 def _items(model: nn.Module, data):

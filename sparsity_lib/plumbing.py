@@ -81,6 +81,16 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
+def check_loss_fn(loss_fn) -> Callable:
+    """``loss_fn`` as a callable ``loss_fn(outputs, targets)``: ``None`` means cross-entropy (``sl.prune`` decides
+    before scoring whether that default is meaningful for the data); anything else must be callable."""
+    if loss_fn is None:
+        return F.cross_entropy
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+    return loss_fn
+
+
 def check_finite(tensor: torch.Tensor, what: str, advice: str = "") -> torch.Tensor:
     """Raise ``ValueError`` if a floating-point ``tensor`` holds NaN or inf (``what`` names it). A single NaN
     in calibration data or curvature turns every OBS update into NaN: refuse before anything is written."""
@@ -310,7 +320,7 @@ def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor], dtype: bool 
 
 
 __all__ = [
-    "check_positive_int", "check_number", "check_bool", "check_finite", "model_device", "batches", "batch_size",
+    "check_positive_int", "check_number", "check_bool", "check_finite", "check_loss_fn", "model_device", "batches", "batch_size",
     "eval_mode", "capture_inputs", "unfold_conv_input", "layer_rows", "check_input_layers", "weight_matrix",
     "flatten", "unflatten",
 ]

@@ -12,10 +12,9 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..masks import _check_has_prunable, _original
-from ..plumbing import batch_size, batches, check_positive_int, eval_mode, model_device  # noqa: F401  (re-exported)
+from ..plumbing import batch_size, batches, check_loss_fn, check_positive_int, eval_mode, model_device  # noqa: F401  (re-exported)
 
 
 def check_num_batches(num_batches, name: str = "num_batches") -> Optional[int]:
@@ -29,14 +28,6 @@ def weighted_average(values: Iterable[Tuple[float, torch.Tensor]]):
         acc = v * n if acc is None else acc + v * n
         total += n
     return acc / total
-
-
-def check_loss_fn(loss_fn):
-    if loss_fn is None:
-        return F.cross_entropy
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-    return loss_fn
 
 
 @contextlib.contextmanager
