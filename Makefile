@@ -85,6 +85,9 @@ lab: $(STAMP)
 bench: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.bench
 
+benchmark: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.benchmark --out benchmark_$${SPARSITY_SCALE:-fast}.csv
+
 # --- cleaning ----------------------------------------------------------------------------------------------------
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache
