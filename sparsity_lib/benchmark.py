@@ -12,7 +12,7 @@ all, several seeds, whole accuracy-sparsity curves, and the magnitude baselines 
   already in the file is not recomputed (a file written with other settings is refused).
 * Metrics of §8.7 on the rows: :func:`summary`, :func:`ranking`, :func:`parameter_slack`,
   :func:`accuracy_density`, :func:`sota_normalized_efficiency`; per-class effects of §8.8 (Hooker et al.
-  {cite}`hooker2019compressed`): :func:`per_class_accuracy`, :func:`class_drops`, :func:`exemplars`.
+  {cite}`hooker2019compressed`): :func:`per_class_accuracy`, :func:`class_drops`, :func:`modal_prediction`, :func:`exemplars`.
 
 Training cost (``cost``) is training FLOPs relative to dense training, counted as in
 :mod:`sparsity_lib.growth_runs` (a step costs :math:`3 f_S` products per weight at density :math:`f_S`): a
@@ -477,7 +477,8 @@ def class_drops(dense_preds: Sequence, pruned_preds: Sequence, labels, num_class
     return {"dense": dense, "pruned": pruned, "drop": dense - pruned, "overall": overall}
 
 
-def _modal(preds: Sequence) -> np.ndarray:
+def modal_prediction(preds: Sequence) -> np.ndarray:
+    """The most frequent prediction of a population of models for each example (ties: the smallest label)."""
     stack = np.stack([np.asarray(p) for p in preds])          # (models, examples)
     counts = np.apply_along_axis(np.bincount, 0, stack, minlength=int(stack.max()) + 1)
     return counts.argmax(axis=0)                               # ties: the smallest label
@@ -489,7 +490,7 @@ def exemplars(dense_preds: Sequence, pruned_preds: Sequence) -> np.ndarray:
     population of each, e.g. one per seed; ties go to the smallest label)."""
     if len(dense_preds) == 0 or len(pruned_preds) == 0:
         raise ValueError("dense_preds and pruned_preds need at least one prediction array each")
-    return np.flatnonzero(_modal(dense_preds) != _modal(pruned_preds))
+    return np.flatnonzero(modal_prediction(dense_preds) != modal_prediction(pruned_preds))
 
 
 # ------------------------------------------------------------------------------------- command line

@@ -134,3 +134,8 @@ def test_per_class_and_exemplars_by_hand():
     assert B.exemplars(dense, pruned).tolist() == [1, 4]
     with pytest.raises(ValueError, match="shape"):
         B.per_class_accuracy(np.zeros(3), np.zeros(4), 2)
+
+
+def test_modal_prediction_breaks_ties_to_the_smallest_label():
+    preds = [np.array([3, 1, 2]), np.array([3, 2, 1]), np.array([0, 2, 0])]
+    assert B.modal_prediction(preds).tolist() == [3, 2, 0]
