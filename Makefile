@@ -99,6 +99,9 @@ bench: $(STAMP)
 student: $(STAMP)
 	$(BIN)/python -m sparsity_lib.student --out _build/student
 
+benchmark: $(STAMP)
+	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.benchmark --out benchmark_$${SPARSITY_SCALE:-fast}.csv
+
 # --- cleaning ----------------------------------------------------------------------------------------------------
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache

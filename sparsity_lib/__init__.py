@@ -58,14 +58,15 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .masks import dense_gradients, replace_masks, reset_optimizer_state, track_dense_gradients, trainable
 from .pruning import prune
-from . import attention, catalogue, compare, curvature, data, distributed, ephemeral, ephemeral_runs, experiments, export, formats, growth, growth_runs, handson, layerwise, lottery, models, moe, obs, plumbing, regularize, speed, structure, train, viz, widgets  # noqa: E402
+from . import attention, benchmark, catalogue, compare, curvature, data, distributed, ephemeral, ephemeral_runs, experiments, export, formats, growth, growth_runs, handson, layerwise, lottery, models, moe, obs, plumbing, regularize, speed, structure, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "dense_gradients", "replace_masks", "reset_optimizer_state", "track_dense_gradients", "trainable", "attention",
-    "budgets", "catalogue", "compare", "config", "curvature", "data", "distributed", "ephemeral", "ephemeral_runs",
-    "experiments", "export", "formats", "growth", "growth_runs", "handson", "layerwise", "lottery", "models", "moe",
-    "obs", "plumbing", "regularize", "schedules", "scores", "select", "speed", "structure", "train", "viz", "widgets",
+    "benchmark", "budgets", "catalogue", "compare", "config", "curvature", "data", "distributed", "ephemeral",
+    "ephemeral_runs", "experiments", "export", "formats", "growth", "growth_runs", "handson", "layerwise", "lottery",
+    "models", "moe", "obs", "plumbing", "regularize", "schedules", "scores", "select", "speed", "structure", "train",
+    "viz", "widgets",
 ]
