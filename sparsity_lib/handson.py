@@ -179,7 +179,8 @@ def _picture(name, before, expected, got):
         ax.set_title(title, fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(name, fontsize=9)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:   # sl.viz.style() already gives every figure a constrained layout
+        fig.tight_layout()
     plt.show()
     plt.close(fig)
 

@@ -6,7 +6,9 @@ figure at the end of the cell; end the cell with ``;`` to hide the returned obje
 :func:`style` once in their set-up cell so that every figure of the book looks the same.
 
 =============================  ===========================================================================
-:func:`style`                  the book's matplotlib defaults (font sizes, light grid, no top/right spines)
+:func:`style`                  the book's matplotlib defaults, sized for the book's column (:data:`COLUMN_WIDTH`)
+:func:`figsize`                the size of a figure of n x m panels that fits the column, text legible at 100%
+:func:`panels`                 n panels in rows of at most 2 (or ``ncols``), sized for the column
 :func:`accuracy_vs_sparsity`   mean over seeds with a shaded spread, optionally on a log-density axis
 :func:`mask_image`             one mask as a black (kept) / white (pruned) image, density in the title
 :func:`masks_grid`             one mask image per layer
@@ -34,28 +36,91 @@ import matplotlib
 import numpy as np
 from matplotlib import ticker
 
-#: The rcParams :func:`style` sets (readable in a notebook and in the rendered book).
+#: Width in inches of a figure that fills the book's text column. The rendered book (sphinx-book-theme, a 1280 px
+#: window) gives a figure a ~688 px column, and a notebook shows a figure at ``figure.dpi`` = 100 px per inch: a
+#: figure 6.6 in wide appears at its natural size, so its 9-10 pt text reads as 12-14 px at 100% zoom. A wider
+#: figure is shrunk to the column and its text with it (a 13 in figure: 6-7 px, too small to read).
+COLUMN_WIDTH = 6.6
+
+#: The rcParams :func:`style` sets (sized for the book's column, readable at 100% zoom; see :data:`COLUMN_WIDTH`).
 STYLE = {
-    "figure.figsize": (6.0, 3.8),
+    "figure.figsize": (COLUMN_WIDTH, 3.6),
     "figure.dpi": 100,
+    "figure.constrained_layout.use": True,   # panels, labels and legends never overlap or leave the figure
     "savefig.dpi": 150,
     "savefig.bbox": "tight",
-    "font.size": 11,
-    "axes.titlesize": 12,
-    "axes.labelsize": 11,
-    "xtick.labelsize": 10,
-    "ytick.labelsize": 10,
-    "legend.fontsize": 10,
+    "font.size": 10,
+    "axes.titlesize": 10.5,
+    "figure.titlesize": 11,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "legend.title_fontsize": 9,
     "legend.frameon": False,
     "axes.grid": True,
     "grid.alpha": 0.3,
     "grid.linewidth": 0.8,
     "axes.spines.top": False,
     "axes.spines.right": False,
-    "lines.linewidth": 2.0,
-    "lines.markersize": 5.0,
+    "lines.linewidth": 1.8,
+    "lines.markersize": 4.5,
     "image.interpolation": "nearest",
 }
+
+
+def figsize(ncols: int = 1, nrows: int = 1, aspect: Optional[float] = None, width: float = COLUMN_WIDTH) -> tuple:
+    """``(width, height)`` in inches of a figure of ``nrows`` x ``ncols`` panels that fits the book's column.
+
+    ``aspect`` is one panel's height / width (default 0.55 for one panel, 0.75 for two or more side by side).
+    Example: ``plt.subplots(1, 2, figsize=sl.viz.figsize(2))`` is (6.6, 2.8): two legible panels.
+
+        >>> figsize(2)
+        (6.6, 2.8)
+    """
+    if int(ncols) < 1 or int(nrows) < 1:
+        raise ValueError(f"ncols and nrows must be positive integers, got ncols={ncols}, nrows={nrows}")
+    if aspect is None:
+        aspect = 0.55 if ncols == 1 else 0.75
+    if aspect <= 0 or width <= 0:
+        raise ValueError(f"aspect and width must be positive, got aspect={aspect}, width={width}")
+    height = nrows * (width / ncols) * aspect + 0.3   # + room for a title row
+    return (round(float(width), 2), round(float(height), 1))
+
+
+def panels(n: int, ncols: int = 2, aspect: Optional[float] = None, fig=None, sharex: bool = False,
+           sharey: bool = False, **subplot_kw):
+    """A figure of ``n`` panels in rows of at most ``ncols``, sized for the book's column; returns
+    ``(fig, axes)`` with ``axes`` a flat list of ``n`` Axes (row by row).
+
+    A wide row of 3-5 panels shrinks its text below legibility in the book's column: use ``panels(4)`` (two rows
+    of two) instead of ``plt.subplots(1, 4)``. A last row with fewer panels is centred, every panel the same size.
+    ``sharex``/``sharey`` share the axes of all panels with the first; ``subplot_kw`` goes to
+    :meth:`~matplotlib.figure.Figure.add_subplot` (e.g. ``projection=``).
+
+        >>> fig, axes = panels(3)
+        >>> len(axes)
+        3
+    """
+    n, ncols = int(n), int(ncols)
+    if n < 1 or ncols < 1:
+        raise ValueError(f"n and ncols must be positive integers, got n={n}, ncols={ncols}")
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    if fig is None:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=figsize(ncols, nrows, aspect=aspect), layout="constrained")
+    grid = fig.add_gridspec(nrows, 2 * ncols)
+    axes = []
+    for i in range(n):
+        row, col = divmod(i, ncols)
+        in_row = min(ncols, n - row * ncols)
+        start = 2 * col + (ncols - in_row)   # centre a short last row
+        shared = {"sharex": axes[0] if sharex and axes else None, "sharey": axes[0] if sharey and axes else None}
+        axes.append(fig.add_subplot(grid[row, start:start + 2], **shared, **subplot_kw))
+    return fig, axes
+
 
 #: Sparsities that get a tick on a log-density axis (``logit_x=True``).
 LOG_DENSITY_TICKS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
@@ -241,7 +306,7 @@ def mask_image(mask, ax=None, title: Optional[str] = None, cmap: str = "gray_r")
     return ax
 
 
-def masks_grid(masks, ncols: Optional[int] = None, panel_size: float = 2.6, suptitle: Optional[str] = None,
+def masks_grid(masks, ncols: Optional[int] = None, panel_size: float = 1.65, suptitle: Optional[str] = None,
                fig=None):
     """One :func:`mask_image` panel per layer of ``masks`` (``{name: mask}``, or a model: its current masks).
 
@@ -270,7 +335,8 @@ def masks_grid(masks, ncols: Optional[int] = None, panel_size: float = 2.6, supt
     if fig is None:
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=(panel_size * ncols, panel_size * nrows), layout="constrained")
+        width = min(panel_size * ncols, COLUMN_WIDTH)   # never wider than the book's column
+        fig = plt.figure(figsize=(width, width / ncols * nrows + 0.3), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, (name, mask) in zip(axes.flat, masks.items()):
         mask_image(mask, ax=ax, title=name)

@@ -6,6 +6,8 @@ firewall) sees typeset equations and working kernel-free explorers, and no page 
   copied into ``_static/vendor/mathjax/``; ``mathjax_path`` points there.
 * plotly.js comes from the ``plotly`` package (MIT) and is copied to ``_static/vendor/plotly.min.js`` once; only the
   pages that contain a :func:`sparsity_lib.widgets.static_explorer` figure load it.
+* ``tools/book.css``, the book's own style (code, outputs, tables and equations that fit the text column), is
+  copied to ``_static/book.css`` and loaded by every page.
 * Two console errors of every page are removed at the source: sphinx-thebe's script (Thebe is off in this book,
   yet its loader is still added and points to a CDN) and the theme's empty default colour mode.
 
@@ -20,6 +22,7 @@ from pathlib import Path
 MATHJAX_DIR = "vendor/mathjax"
 MATHJAX_ENTRY = f"{MATHJAX_DIR}/tex-chtml.js"
 PLOTLY_JS = "vendor/plotly.min.js"
+BOOK_CSS = "book.css"
 # MathJax's es5 folder also holds a dozen alternative all-in-one bundles (SVG output, MathML input, ...): only the
 # one the book loads is copied, with the components it may load on demand (extensions, fonts, menu, speech).
 MATHJAX_PARTS = ["tex-chtml.js", "input", "output", "ui", "a11y", "adaptors", "sre"]
@@ -58,6 +61,7 @@ def copy_vendor(static_dir: Path) -> None:
             shutil.copy2(source / part, target / part)
     shutil.copy2(source.parent / "LICENSE", target / "LICENSE")
     shutil.copy2(_plotly_source(), static_dir / PLOTLY_JS)
+    shutil.copy2(Path(__file__).with_name(BOOK_CSS), static_dir / BOOK_CSS)
 
 
 def _config_inited(app, config) -> None:
@@ -107,6 +111,7 @@ def _docstring(app, what, name, obj, options, lines) -> None:
 
 
 def setup(app):
+    app.add_css_file(BOOK_CSS, priority=900)   # after the theme's own style sheets
     app.connect("autodoc-process-docstring", _docstring)
     app.connect("config-inited", _config_inited)
     app.connect("builder-inited", _builder_inited)
