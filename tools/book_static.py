@@ -8,6 +8,8 @@ firewall) sees typeset equations and working kernel-free explorers, and no page 
   pages that contain a :func:`sparsity_lib.widgets.static_explorer` figure load it.
 * ``tools/book.css``, the book's own style (code, outputs, tables and equations that fit the text column), is
   copied to ``_static/book.css`` and loaded by every page.
+* The references page is labelled and sorted author-year like the chapters' citations (``tools/bib_style.py``,
+  ``bibtex_default_style: authoryear``).
 * Two console errors of every page are removed at the source: sphinx-thebe's script (Thebe is off in this book,
   yet its loader is still added and points to a CDN) and the theme's empty default colour mode.
 
@@ -111,6 +113,9 @@ def _docstring(app, what, name, obj, options, lines) -> None:
 
 
 def setup(app):
+    import bib_style   # tools/ is on sys.path: sphinx.local_extensions
+
+    bib_style.register()
     app.add_css_file(BOOK_CSS, priority=900)   # after the theme's own style sheets
     app.connect("autodoc-process-docstring", _docstring)
     app.connect("config-inited", _config_inited)
