@@ -37,6 +37,72 @@ def test_style_sets_the_book_defaults():
     viz.style()
 
 
+
+# The rendered book gives a figure a ~688 px column; a figure wider than that is shrunk, and its text with it.
+COLUMN_PX = 688
+
+
+def _text_px_on_screen(fig, points: float) -> float:
+    """Height in screen px of ``points``-pt text once the figure (drawn at figure.dpi, bbox tight) fits the column."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight")
+    width = Image.open(buffer).size[0]
+    return points * fig.dpi / 72 * min(1.0, COLUMN_PX / width)
+
+
+def test_style_fits_the_book_column_with_legible_text():
+    params = viz.style()
+    assert params["figure.figsize"][0] * params["figure.dpi"] <= COLUMN_PX
+    smallest = min(params[k] for k in ("xtick.labelsize", "ytick.labelsize", "legend.fontsize"))
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1], label="a line"); ax.legend(); ax.set_title("a title"); ax.set_xlabel("x")
+    assert _text_px_on_screen(fig, smallest) >= 11.5   # 9 pt at 100 dpi, not shrunk
+    # a figure of the old width (13 in) would shrink its 9 pt ticks to about 6 px
+    fig_wide = plt.figure(figsize=(13, 4)); fig_wide.subplots(1, 2)
+    assert _text_px_on_screen(fig_wide, smallest) < 7
+
+
+@pytest.mark.parametrize("ncols, nrows", [(1, 1), (2, 1), (2, 2), (3, 1), (4, 2)])
+def test_figsize_fills_the_column(ncols, nrows):
+    width, height = viz.figsize(ncols, nrows)
+    assert width == viz.COLUMN_WIDTH
+    assert height == pytest.approx(nrows * width / ncols * (0.55 if ncols == 1 else 0.75) + 0.3, abs=0.06)   # rounded to 0.1 in
+    assert viz.figsize(2, aspect=1.0)[1] > viz.figsize(2)[1]
+    with pytest.raises(ValueError, match="ncols"):
+        viz.figsize(0)
+    with pytest.raises(ValueError, match="aspect"):
+        viz.figsize(2, aspect=-1)
+
+
+def test_panels_wraps_rows_centres_the_last_and_shares_axes():
+    viz.style()
+    fig, axes = viz.panels(3, sharey=True)
+    assert len(axes) == 3 and len(fig.axes) == 3
+    assert fig.get_size_inches()[0] == pytest.approx(viz.COLUMN_WIDTH)
+    fig.canvas.draw()
+    boxes = [ax.get_position() for ax in axes]
+    assert boxes[0].y0 == pytest.approx(boxes[1].y0) and boxes[2].y0 < boxes[0].y0   # two rows: 2 + 1
+    centre = (boxes[2].x0 + boxes[2].x1) / 2
+    assert centre == pytest.approx((boxes[0].x0 + boxes[1].x1) / 2, abs=0.03)         # the lone panel centred
+    assert boxes[2].width == pytest.approx(boxes[0].width, rel=0.05)                   # same size as the others
+    axes[0].set_ylim(0, 5)
+    assert axes[2].get_ylim() == (0, 5)
+    fig5, axes5 = viz.panels(5, ncols=3)
+    assert len(axes5) == 5
+    with pytest.raises(ValueError, match="n and ncols"):
+        viz.panels(0)
+
+
+def test_masks_grid_never_wider_than_the_column():
+    import torch
+
+    fig = viz.masks_grid({f"layer{i}": torch.rand(8, 8) > 0.5 for i in range(4)})
+    assert fig.get_size_inches()[0] <= viz.COLUMN_WIDTH + 1e-9
+
 def _band_by_x(collection):
     """{x: set of y} over the vertices of a fill_between polygon."""
     out = {}
