@@ -33,6 +33,7 @@ import warnings
 from typing import Mapping, Optional, Sequence
 
 import matplotlib
+import matplotlib.font_manager
 import numpy as np
 from matplotlib import ticker
 
@@ -164,6 +165,37 @@ def _percent(value: float, digits: int = 4) -> str:
     return f"{100 * value:.{digits}g}%"
 
 
+class _DensityTicks(ticker.Locator):
+    """The ticks of :data:`LOG_DENSITY_TICKS` in view that fit the axis without overlapping labels: the decades
+    first (0, 90, 99, 99.9%), then 50, 95, 99.5%, then 80, 98, 99.8%, each kept only if it is at least a label's
+    width (x) or height (y) away from those already kept. A narrow panel of a two-panel figure gets 5-6 ticks,
+    a full-width axis all ten."""
+
+    PRIORITY = (0.0, 0.9, 0.99, 0.999, 0.5, 0.95, 0.995, 0.8, 0.98, 0.998)
+
+    def __call__(self):
+        lo, hi = sorted(self.axis.get_view_interval())
+        inside = [t for t in self.PRIORITY if lo - 1e-12 <= t <= hi + 1e-12]
+        axes = self.axis.axes
+        if len(inside) <= 2 or axes is None or axes.figure is None:
+            return sorted(inside)
+        is_x = self.axis is axes.xaxis
+        other = axes.get_ylim()[0] if is_x else axes.get_xlim()[0]
+        points = [(t, other) if is_x else (other, t) for t in inside]
+        try:
+            screen = axes.transData.transform(points)[:, 0 if is_x else 1]
+        except Exception:  # noqa: BLE001  (no renderer or degenerate limits yet: every tick)
+            return sorted(inside)
+        size = matplotlib.font_manager.FontProperties(size=matplotlib.rcParams["xtick.labelsize" if is_x else
+                                                                              "ytick.labelsize"]).get_size_in_points()
+        gap = size * axes.figure.dpi / 72 * (3.3 if is_x else 1.5)   # "99.5%" is about 3.3 em wide
+        kept = []
+        for t, pos in zip(inside, screen):
+            if all(abs(pos - other_pos) >= gap for _, other_pos in kept):
+                kept.append((t, pos))
+        return sorted(t for t, _ in kept)
+
+
 def _log_density_axis(ax, axis: str = "x", lowest_density: Optional[float] = None):
     """Put sparsity s on the axis at position -log10(1 - s): equal steps for 0, 90, 99, 99.9% sparsity."""
 
@@ -177,7 +209,7 @@ def _log_density_axis(ax, axis: str = "x", lowest_density: Optional[float] = Non
     set_scale = ax.set_xscale if axis == "x" else ax.set_yscale
     set_scale("function", functions=(forward, inverse))
     axis_obj = ax.xaxis if axis == "x" else ax.yaxis
-    axis_obj.set_major_locator(ticker.FixedLocator(LOG_DENSITY_TICKS))
+    axis_obj.set_major_locator(_DensityTicks())
     axis_obj.set_major_formatter(ticker.FuncFormatter(lambda v, _: _percent(v)))
     axis_obj.set_minor_locator(ticker.NullLocator())
 

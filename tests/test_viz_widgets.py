@@ -457,3 +457,21 @@ def test_show_source_shows_the_code_with_its_origin_and_highlighting():
     assert "for r in range(1, rounds + 1):" in text.replace("&gt;", ">").replace("&lt;", "<")
     markdown = viz.show_source(_example)._repr_markdown_()
     assert markdown.split("\n")[2] == "```python" and markdown.endswith("```")
+
+
+def test_log_density_ticks_thin_out_on_a_narrow_axis_and_never_overlap():
+    viz.style()
+    s = np.array(viz.LOG_DENSITY_TICKS)
+    fig, axes = plt.subplots(1, 2, figsize=viz.figsize(2))
+    for ax in axes:
+        viz.accuracy_vs_sparsity({"m": (s, 1 - s)}, ax=ax, logit_x=True)
+    fig_wide, ax_wide = plt.subplots(figsize=(12, 4))
+    viz.accuracy_vs_sparsity({"m": (s, 1 - s)}, ax=ax_wide, logit_x=True)
+    for figure in (fig, fig_wide):
+        figure.canvas.draw()
+    narrow = [t.get_text() for t in axes[0].get_xticklabels()]
+    wide = [t.get_text() for t in ax_wide.get_xticklabels()]
+    assert narrow[:2] == ["0%", "90%"] and "99%" in narrow and len(narrow) < len(wide) == len(viz.LOG_DENSITY_TICKS)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in axes[0].get_xticklabels()]
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))   # no two labels overlap
