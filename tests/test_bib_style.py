@@ -62,3 +62,13 @@ def test_no_raw_math_and_each_arxiv_id_once(formatted):
         assert "$" not in text, (e.key, text)
         for arxiv_id in set(re.findall(r"\d{4}\.\d{4,5}", text)):
             assert text.count(arxiv_id) == 1, (e.key, text)
+
+
+def test_same_label_works_sit_together_in_year_order(formatted):
+    _, entries = formatted
+    labels = [e.label for e in entries]
+    for label in labels:
+        if label.endswith("a") and label[:-1] + "b" in labels:
+            assert labels.index(label[:-1] + "b") == labels.index(label) + 1, labels
+    stems = [label.rstrip("ab") for label in labels]
+    assert stems == sorted(stems, key=str.lower)

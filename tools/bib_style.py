@@ -1,6 +1,6 @@
 """The bibliography style of the book: the references page labels and sorts its entries the way the chapters cite
-them (author-year, ``bibtex_reference_style: author_year``), e.g. ``[Hoefler et al., 2021]``, sorted by the first
-author's last name, then year and title, instead of numbering them [1]-[N].
+them (author-year, ``bibtex_reference_style: author_year``), e.g. ``[Hoefler et al., 2021]``, sorted as the
+labels read (first author's last name, year), then by title, instead of numbering them [1]-[N].
 
 ``bibtex_default_style: authoryear`` in ``_config.yml`` selects it; :func:`register` (called by the book's local
 extension ``tools/book_static.py``) makes it known to pybtex, the engine of sphinxcontrib-bibtex 2.x. The entries
@@ -14,6 +14,7 @@ from pybtex.plugin import register_plugin
 from pybtex.richtext import Text
 from pybtex.style.formatting.plain import Style as PlainStyle
 from pybtex.style.labels import BaseLabelStyle
+from pybtex.style.sorting import BaseSortingStyle
 
 NAME = "authoryear"
 
@@ -51,11 +52,19 @@ class AuthorYearLabelStyle(BaseLabelStyle):
                 seen[label] += 1
 
 
+class AuthorYearSortingStyle(BaseSortingStyle):
+    """Sorted as the labels read (first author, "and" / "et al.", year), then by title: two works labelled
+    "Molchanov et al., 2017" sit together as 2017a and 2017b, before "Molchanov et al., 2019"."""
+
+    def sorting_key(self, entry):
+        return (AuthorYearLabelStyle().format_label(entry).lower(), entry.fields.get("title", "").lower())
+
+
 class AuthorYearStyle(PlainStyle):
-    """pybtex's ``plain`` entries, labelled author-year and sorted by author, year, title."""
+    """pybtex's ``plain`` entries, labelled author-year and sorted by label, then title."""
 
     default_label_style = AuthorYearLabelStyle
-    default_sorting_style = "author_year_title"
+    default_sorting_style = AuthorYearSortingStyle
 
 
 def register() -> None:
