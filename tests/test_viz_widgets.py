@@ -70,7 +70,8 @@ def test_style_fits_the_book_column_with_legible_text():
 def test_figsize_fills_the_column(ncols, nrows):
     width, height = viz.figsize(ncols, nrows)
     assert width == viz.COLUMN_WIDTH
-    assert height == pytest.approx(nrows * width / ncols * (0.55 if ncols == 1 else 0.75) + 0.3, abs=0.06)   # rounded to 0.1 in
+    aspect = 0.55 if ncols == 1 else 0.75
+    assert height == pytest.approx(nrows * width / ncols * aspect + 0.3, abs=0.06)   # rounded to 0.1 in
     assert viz.figsize(2, aspect=1.0)[1] > viz.figsize(2)[1]
     with pytest.raises(ValueError, match="ncols"):
         viz.figsize(0)
