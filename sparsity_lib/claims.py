@@ -17,7 +17,7 @@ One call per claim::
   hold" at toy scale is shown and recorded, not asserted: ``holds`` may then be None, or a bool the chapter does
   assert about what it measured instead (e.g. "the ticket is no better than random re-initialization").
 * Numbers are printed rounded to 4 significant digits (never ``0.020000000000000004``); a per-seed array is
-  summarised as ``mean ± sd  [min, max]  (n seeds)``, never dumped.
+  summarised as ``mean ± sd  [min, max]  (n seeds)`` (3 significant digits, 2 for the sd), never dumped.
 * When the environment variable :data:`ENV_VAR` (``SPARSITY_CLAIMS_DIR``) names a folder, the claim is appended
   as one JSON line to ``<folder>/<chapter>.jsonl``; the book's Sphinx extension ``tools/book_claims.py`` sets it
   for the executing kernels and builds the claims page from those lines. Unset, nothing is written.
@@ -40,8 +40,8 @@ _CHAPTER = re.compile(r"^\d\d_[a-z0-9_]+$")
 __all__ = ["ENV_VAR", "VERDICTS", "check", "fmt", "summarize"]
 
 
-def fmt(x) -> str:
-    """One number, rounded for reading: integers as they are, floats to 4 significant digits."""
+def fmt(x, digits: int = 4) -> str:
+    """One number, rounded for reading: integers as they are, floats to ``digits`` significant digits."""
     if isinstance(x, (bool, np.bool_)):
         return str(bool(x))
     if isinstance(x, (int, np.integer)):
@@ -54,8 +54,8 @@ def fmt(x) -> str:
     if 1e4 <= abs(x) < 1e9:
         return f"{x:,.0f}"
     if abs(x) < 1e-3 or abs(x) >= 1e9:
-        return f"{x:.3g}"
-    return f"{x:.4g}"
+        return f"{x:.{min(digits, 3)}g}"
+    return f"{x:.{digits}g}"
 
 
 def _values(value, name: str) -> np.ndarray | None:
@@ -84,7 +84,8 @@ def summarize(value) -> str:
     if arr.size == 1:
         return f"{fmt(arr[0])}  (1 seed)"
     mean, sd = float(arr.mean()), float(arr.std(ddof=1))
-    return f"{fmt(mean)} ± {fmt(sd)}  [{fmt(arr.min())}, {fmt(arr.max())}]  ({arr.size} seeds)"
+    # three significant digits for the mean and the range, two for the spread: what seed-to-seed noise allows
+    return f"{fmt(mean, 3)} ± {fmt(sd, 2)}  [{fmt(arr.min(), 3)}, {fmt(arr.max(), 3)}]  ({arr.size} seeds)"
 
 
 def check(chapter: str, key: str, literature: str, source: str, measured: dict, holds: bool | None = None,
