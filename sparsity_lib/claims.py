@@ -84,8 +84,9 @@ def summarize(value) -> str:
     if arr.size == 1:
         return f"{fmt(arr[0])}  (1 seed)"
     mean, sd = float(arr.mean()), float(arr.std(ddof=1))
+    what = "seeds" if np.ndim(value) <= 1 else "values"   # a (seeds, x) array: every value counts once
     # three significant digits for the mean and the range, two for the spread: what seed-to-seed noise allows
-    return f"{fmt(mean, 3)} ± {fmt(sd, 2)}  [{fmt(arr.min(), 3)}, {fmt(arr.max(), 3)}]  ({arr.size} seeds)"
+    return f"{fmt(mean, 3)} ± {fmt(sd, 2)}  [{fmt(arr.min(), 3)}, {fmt(arr.max(), 3)}]  ({arr.size} {what})"
 
 
 def check(chapter: str, key: str, literature: str, source: str, measured: dict, holds: bool | None = None,

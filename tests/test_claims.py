@@ -41,6 +41,7 @@ def test_per_seed_summary_mean_sd_min_max():
     assert sl.claims.summarize(torch.tensor([1.0, 3.0])).startswith("2 ± 1.4  [1, 3]")
     assert sl.claims.summarize(np.float64(0.020000000000000004)) == "0.02"
     assert sl.claims.summarize("3 of 3 seeds") == "3 of 3 seeds"
+    assert sl.claims.summarize(np.ones((3, 4))).endswith("(12 values)")
 
 
 def test_check_prints_a_short_table(capsys):
