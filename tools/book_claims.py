@@ -131,4 +131,5 @@ def setup(app):
     app.connect("builder-inited", _builder_inited)
     app.connect("env-get-outdated", _outdated)
     app.connect("doctree-resolved", _doctree_resolved)
-    return {"parallel_read_safe": False, "parallel_write_safe": True, "version": "1"}
+    # parallel reading is safe: worker processes inherit the environment, and each chapter appends to its own file
+    return {"parallel_read_safe": True, "parallel_write_safe": True, "version": "1"}
