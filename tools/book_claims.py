@@ -119,7 +119,7 @@ def _doctree_resolved(app, doctree, docname) -> None:
 
     def title(stem):
         t = app.env.titles.get(f"chapters/{stem}")
-        return t.astext() if t is not None else None
+        return t.astext().split(":")[0] if t is not None else None   # "01. Foundations", not the subtitle
 
     for node in placeholders:
         node.replace_self(build_table(records, link, title))
