@@ -41,6 +41,7 @@ What lives where, one concept per file, in pipeline order:
                        head pruning and ``compact_heads``
 ``catalogue``          the one explicit list of every method (``sl.catalogue()``); ``sl.prune`` reads it
 ``experiments``        the runner: recipe x sparsities x seeds -> records (one-shot, gradual, IMP, at-init, ...)
+``claims``             claim cells: check a literature claim, print its numbers, record it for "What held"
 ``compare``            mask overlap (IoU, agreement), what a method would prune
 ``formats``            storage costs of sparse formats (closed forms and exact counts)
 ``export``, ``speed``  real sparse inference with ``torch.sparse``; timing, roofline, speed-up tables
@@ -58,14 +59,14 @@ from . import budgets, config, schedules, scores, select
 from .masks import apply_masks, get_masks, prunable, remove_masks, set_weights, sparsity, sparsity_report
 from .masks import dense_gradients, replace_masks, reset_optimizer_state, track_dense_gradients, trainable
 from .pruning import prune
-from . import attention, benchmark, catalogue, compare, curvature, data, distributed, ephemeral, ephemeral_runs, experiments, export, formats, growth, growth_runs, handson, layerwise, lottery, models, moe, obs, plumbing, regularize, speed, structure, train, viz, widgets  # noqa: E402
+from . import attention, benchmark, catalogue, claims, compare, curvature, data, distributed, ephemeral, ephemeral_runs, experiments, export, formats, growth, growth_runs, handson, layerwise, lottery, models, moe, obs, plumbing, regularize, speed, structure, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "prunable", "prune", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity", "sparsity_report",
     "dense_gradients", "replace_masks", "reset_optimizer_state", "track_dense_gradients", "trainable", "attention",
-    "benchmark", "budgets", "catalogue", "compare", "config", "curvature", "data", "distributed", "ephemeral",
+    "benchmark", "budgets", "catalogue", "claims", "compare", "config", "curvature", "data", "distributed", "ephemeral",
     "ephemeral_runs", "experiments", "export", "formats", "growth", "growth_runs", "handson", "layerwise", "lottery",
     "models", "moe", "obs", "plumbing", "regularize", "schedules", "scores", "select", "speed", "structure", "train",
     "viz", "widgets",
