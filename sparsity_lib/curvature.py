@@ -142,7 +142,7 @@ class _Functional:
         param_ids = {id(p): n for n, p in model.named_parameters()}
         self.keys, self.shapes = [], []
         for name, module in modules.items():
-            param = _original(module)
+            param = _original(module, name)
             if id(param) not in param_ids:
                 raise ValueError(f"the weight of {name} is not a parameter of the model")
             self.keys.append(param_ids[id(param)])
@@ -151,7 +151,7 @@ class _Functional:
         self.d = sum(self.sizes)
         self.fixed = {n: p.detach() for n, p in model.named_parameters() if n not in set(self.keys)}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
-        self.w0 = flatten({n: _original(modules[n]).detach() for n in self.names})
+        self.w0 = flatten({n: _original(modules[n], n).detach() for n in self.names})
 
     def split(self, flat):
         params = dict(self.fixed)

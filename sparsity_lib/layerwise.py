@@ -368,14 +368,14 @@ def _layerwise(model, plan, data, solve, sequential: bool):
         if name not in targets:
             continue
         H = layer_hessians(work, items, [name], stop_early=True)[name] if sequential else hessians[name]
-        weight = _original(modules[name]).detach()
+        weight = _original(modules[name], name).detach()
         W2 = weight_matrix(weight)
         W_hat, keep = solve(W2, H, targets[name], plan.current[name].reshape(W2.shape))
         masks[name] = keep.reshape(weight.shape)
         weights[name] = W_hat.reshape(weight.shape).to(weight.dtype)
         if sequential:  # later layers see the outputs of this pruned layer
             with torch.no_grad():
-                _original(work_modules[name]).copy_(weights[name] * masks[name])
+                _original(work_modules[name], name).copy_(weights[name] * masks[name])
     return masks, weights
 
 

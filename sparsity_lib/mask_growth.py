@@ -31,7 +31,7 @@ def trainable(model: nn.Module) -> Dict[str, nn.Parameter]:
     (``<layer>.parametrizations.weight.original`` when the layer is masked, ``<layer>.weight`` otherwise)."""
     out = {}
     for name, module in _check_has_prunable(model).items():
-        param = _original(module)
+        param = _original(module, name)
         if not isinstance(param, nn.Parameter):
             raise ValueError(f"trainable: {name} is not a parameter but recomputed from others (e.g. by the "
                              "hook-based torch.nn.utils.weight_norm or spectral_norm): sparsity_lib cannot mask it")
@@ -121,7 +121,7 @@ def replace_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
         for name, value in init.items():
             if name not in ready:
                 raise ValueError(f"init: {name!r} is not a layer of masks ({list(ready)})")
-            shape = tuple(_original(modules[name]).shape)
+            shape = tuple(_original(modules[name], name).shape)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 raise ValueError(f"init[{name!r}] must be a tensor of the weight's shape {shape}, got "
                                  f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
@@ -142,7 +142,7 @@ def replace_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
                                  f"{int(blocked.sum())} of the positions masks[{name!r}] keeps at zero")
         revived[name] = mask & ~old
     for name, mask in ready.items():
-        original = _original(modules[name])
+        original = _original(modules[name], name)
         apply_masks(model, {name: mask})
         if original.grad is not None:
             original.grad.mul_(mask.to(original.grad.dtype))

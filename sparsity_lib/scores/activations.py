@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
-from ._common import (batch_size, batches, broadcast_rows, check_loss_fn, layer_samples, neuron_sum_per_example,
+from ._common import (batch_size, batches, broadcast_rows, effective_weights, check_loss_fn, layer_samples, neuron_sum_per_example,
                       scoring, weighted_average)
 
 Activation = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
@@ -193,7 +193,7 @@ def neuron_scores(model: nn.Module, criterion: str, data=None, loss_fn=None, **o
         if options:
             raise TypeError(f"criterion 'l1_norm' takes no options, got {sorted(options)}")
         with scoring(model) as modules:
-            return {n: m.weight.detach().abs().reshape(m.weight.shape[0], -1).sum(1) for n, m in modules.items()}
+            return {n: m.detach().abs().reshape(m.shape[0], -1).sum(1) for n, m in effective_weights(modules).items()}
     if criterion == "taylor":
         from .first_order import taylor_per_neuron
 
