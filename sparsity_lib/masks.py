@@ -403,7 +403,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
             existing.mask.copy_(mask)
         else:
             # remember the parameters' order, so that remove_masks gives back the same state_dict key order
-            module.__dict__.setdefault("_sl_parameter_order", list(module._parameters))
+            if attr in module._parameters:
+                module.__dict__.setdefault("_sl_parameter_order", list(module._parameters))
             parametrize.register_parametrization(module, attr, Mask(mask), unsafe=True)
             _install_functional_setter(module, attr)
         with torch.no_grad():
@@ -529,6 +530,7 @@ def remove_masks(model: nn.Module) -> nn.Module:
             _remove_weight_parametrization(module, baked, attr)
             # restore the parameters' order (Linear and Conv: weight before bias) so state_dict keys read as before
             order = module.__dict__.get("_sl_parameter_order") or [attr]
+            order = order if attr in order else [attr]
             params = module._parameters
             module._parameters = {**{k: params[k] for k in order if k in params}, **params}
             if not parametrize.is_parametrized(module):
