@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .masks import _original, _prunable_modules, prunable
-from .plumbing import (batch_size, batches, check_finite, check_loss_fn, check_number, check_positive_int, eval_mode, flatten,
+from .plumbing import (attention_math, batch_size, batches, check_finite, check_loss_fn, check_number, check_positive_int, eval_mode, flatten,
                        unflatten)
 
 #: Default relative damping of every second-order method: lambda = 0.01 * mean |diag H|, the ``percdamp`` of the
@@ -160,7 +160,8 @@ class _Functional:
         return params
 
     def loss(self, flat, inputs, targets):
-        out = torch.func.functional_call(self.model, (self.split(flat), self.buffers), (inputs,))
+        with attention_math(self.model):   # nn.MultiheadAttention without the fused kernel: 2nd derivatives exist
+            out = torch.func.functional_call(self.model, (self.split(flat), self.buffers), (inputs,))
         return self.loss_fn(out, targets)
 
     def sample_loss(self, flat, x, y):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..masks import _check_has_prunable, _original, _weight
-from ..plumbing import batch_size, batches, check_loss_fn, check_positive_int, eval_mode, model_device  # noqa: F401  (re-exported)
+from ..plumbing import attention_math, batch_size, batches, check_loss_fn, check_positive_int, eval_mode, model_device  # noqa: F401,E501
 
 
 def check_num_batches(num_batches, name: str = "num_batches") -> Optional[int]:
@@ -48,7 +48,7 @@ def scoring(model: nn.Module, with_biases: bool = False):
         try:
             for p in params:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), attention_math(model):   # attention as plain operations: hooks, 2nd order
                 yield modules
         finally:
             for p, r in zip(params, requires):
@@ -80,7 +80,7 @@ def broadcast_rows(neuron_scores: Dict[str, torch.Tensor], modules: Dict[str, nn
 
 def layer_samples(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """Reshape a layer output to ``(samples, neurons)``: every token / spatial position is a sample."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
         return out.reshape(-1, out.shape[-1])
     # convolution: (B, C, *spatial) -> (B * spatial, C)
     return out.movedim(1, -1).reshape(-1, out.shape[1])
