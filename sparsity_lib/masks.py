@@ -573,7 +573,7 @@ def _remove_weight_parametrization(module: nn.Module, baked: torch.Tensor, attr:
     hold it keep working.
     """
     plist = module.parametrizations
-    if list(plist.keys()) != [attr] or not hasattr(plist[attr], "original"):
+    if not hasattr(plist[attr], "original"):   # pragma: no cover - masks take one tensor
         parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
         with torch.no_grad():
             getattr(module, attr).copy_(baked)
@@ -581,8 +581,16 @@ def _remove_weight_parametrization(module: nn.Module, baked: torch.Tensor, attr:
     original = plist[attr].original
     with torch.no_grad():
         original.copy_(baked)
-    del module._modules["parametrizations"]
-    module.__class__ = module.__class__.__bases__[0]  # the class before parametrization, e.g. nn.Linear
+    cls = module.__class__
+    if list(plist.keys()) == [attr]:
+        del module._modules["parametrizations"]
+        module.__class__ = cls.__bases__[0]  # the class before parametrization, e.g. nn.Linear
+    else:
+        # other weights of this module stay parametrized (e.g. q/k/v_proj_weight of one attention layer): a new
+        # class for this instance alone, without the property of ``attr``
+        del plist[attr]
+        body = {k: v for k, v in cls.__dict__.items() if k not in (attr, "__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, body)
     module.register_parameter(attr, original)
 
 

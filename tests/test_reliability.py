@@ -3,7 +3,7 @@
 Items covered here: 1 (the default loss only where meaningful; no selection from all-equal scores), 2 (structured
 selection never empties a layer unless allowed; the sparsity reported is the one reached), 6 (bad values: numpy
 scalars, a string loss_fn, one-shot generators, seed="abc", non-finite data and scores for every method), and 4
-(transformer layers: known gaps, xfail). Every refusal is checked to leave the model unchanged: state_dict,
+(transformer layers; in depth in test_transformers.py). Every refusal is checked to leave the model unchanged: state_dict,
 parametrizations, hooks, requires_grad, training flags and gradients.
 """
 
