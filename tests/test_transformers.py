@@ -253,7 +253,7 @@ def test_obd_curvature_through_attention_matches_finite_differences():
             minus = float(nn.functional.cross_entropy(model(x), y))
             attn.in_proj_weight[i, j] = old
             h = (plus - 2 * base + minus) / eps ** 2
-            assert float(scores[name][i, j]) == pytest.approx(0.5 * h * old ** 2, rel=1e-3, abs=1e-9)
+            assert float(scores[name][i, j].detach()) == pytest.approx(0.5 * h * old ** 2, rel=1e-3, abs=1e-9)
     assert float(w.abs().sum()) > 0
 
 
