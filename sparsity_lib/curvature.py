@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from .masks import _original, _prunable_modules, prunable
-from .plumbing import (attention_math, batch_size, batches, check_finite, check_loss_fn, check_number, check_positive_int, eval_mode, flatten,
-                       unflatten)
+from .plumbing import (attention_math, batch_size, batches, check_finite, check_loss_fn, check_number,
+                       check_positive_int, eval_mode, flatten, unflatten)
 
 #: Default relative damping of every second-order method: lambda = 0.01 * mean |diag H|, the ``percdamp`` of the
 #: OBC and SparseGPT reference code. On a trained digits MLP it was close to the best of 1e-4 ... 1 for "obs"

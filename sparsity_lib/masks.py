@@ -9,7 +9,21 @@ A mask is a boolean tensor shaped like the weight (``True`` = keep). It lives on
   parametrization can be removed cleanly with :func:`remove_masks`, which restores plain parameters and the
   dense ``state_dict`` keys.
 
-**The mask protocol.** Any parametrization of a prunable layer's ``weight`` that has a method
+**What is prunable.** Every weight *matrix* of the standard layers, by its dense name: the ``weight`` of
+``nn.Linear`` and ``nn.Conv1d/2d/3d`` (:data:`PRUNABLE_TYPES`) and the input projections of
+``nn.MultiheadAttention`` (:data:`ATTENTION_TYPES`): ``in_proj_weight`` (query, key and value rows stacked,
+``(3E, E)``), or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when key and value widths differ; the
+attention's ``out_proj`` is an ``nn.Linear``. So ``sl.prunable`` of an ``nn.TransformerEncoder`` lists
+``layers.0.self_attn.in_proj_weight``, ``layers.0.self_attn.out_proj.weight``, ``layers.0.linear1.weight``, ...,
+and sparsity is counted over all of them. Internally a prunable weight is a (module, attribute name) pair
+(:func:`prunable_entries`); the attribute is the last component of the name, and every function here reads and
+parametrizes that attribute (``layer.parametrizations.in_proj_weight.original`` is the stored tensor of a masked
+in-projection). PyTorch's attention forward (fast and slow path) reads the parametrized ``in_proj_weight``, so
+the mask applies there as everywhere. Methods that hook layer inputs or differentiate twice run attention through
+:func:`sparsity_lib.plumbing.attention_math` (plain tensor operations, ``out_proj`` called as a module).
+Biases, norms and embeddings are not prunable.
+
+**The mask protocol.** Any parametrization of a prunable weight that has a method
 ``hard_mask() -> bool tensor of the weight's shape`` is a mask: the library's :class:`Mask`, edge-popup's
 learned :class:`sparsity_lib.lottery.TopKSupermask`, gates. :func:`get_masks` returns the AND of a layer's hard
 masks; :func:`sparsity` and :func:`sparsity_report` count a weight as removed when a hard mask removes it or the

@@ -472,5 +472,5 @@ def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor], dtype: bool 
 __all__ = [
     "check_positive_int", "check_number", "check_bool", "check_finite", "check_loss_fn", "model_device", "batches", "batch_size",
     "eval_mode", "capture_inputs", "unfold_conv_input", "layer_rows", "check_input_layers", "weight_matrix",
-    "flatten", "unflatten",
+    "flatten", "unflatten", "attention_forward", "attention_math", "projection_input",
 ]
