@@ -71,7 +71,7 @@ def check_masks_attached(model: nn.Module, names: List[str], prefix: str = "modu
     """Refuse to prune layers of a DDP-wrapped model that carry no mask yet (attaching one would re-register the
     weight under DDP); the message gives the documented way."""
     modules = _prunable_modules(model)
-    missing = [prefix + n for n in names if not _has_mask(modules[n])]
+    missing = [prefix + n for n in names if not _has_mask(modules[n], n)]
     if missing:
         raise ValueError(
             f"model is wrapped in DistributedDataParallel and layers {missing} have no mask yet: attaching one now "
