@@ -291,3 +291,28 @@ def test_every_method_prunes_every_matrix_of_an_encoder_or_refuses(method):
         assert torch.equal(masks[n], w != 0) or not bool(w[~masks[n]].any()), n
         assert torch.equal(returned[n], masks[n]) if n in returned else True
     assert no_math_left(model)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_masked_encoder_equals_dense_encoder_with_masked_weights(training):
+    """The whole encoder layer, whose eval-mode no-grad forward is PyTorch's fused fast path
+    (torch._transformer_encoder_layer_fwd), against a dense copy holding W * M."""
+    masked = encoder(layers=2)
+    dense = copy.deepcopy(masked)
+    masks = random_masks(masked, density=0.4)
+    sl.apply_masks(masked, masks)
+    with torch.no_grad():
+        for name, w in sl.prunable(dense).items():
+            w.mul_(masks[name])
+    x = torch.randn(3, 5, 8)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[2, -1] = True
+    for model in (masked, dense):
+        model.train(training)
+    with torch.no_grad():
+        for kwargs in ({}, {"src_key_padding_mask": padding}):
+            torch.testing.assert_close(masked(x, **kwargs), dense(x, **kwargs), rtol=0, atol=1e-6)
+    out = masked(x)
+    out.sum().backward()
+    grad = masked.layers[0].self_attn.parametrizations.in_proj_weight.original.grad
+    assert grad is not None and not bool(grad[~masks["layers.0.self_attn.in_proj_weight"]].any())
