@@ -45,7 +45,8 @@ What lives where, one concept per file, in pipeline order:
 ``compare``            mask overlap (IoU, agreement), what a method would prune
 ``formats``            storage costs of sparse formats (closed forms and exact counts)
 ``export``, ``speed``  real sparse inference with ``torch.sparse``; timing, roofline, speed-up tables
-``plumbing``           shared mechanics: calibration batches, eval mode, input capture, conv unfolding, checks
+``plumbing``           shared mechanics: calibration batches, eval mode, input capture (attention in plain
+                       operations), conv unfolding, checks
 ``data``, ``models``   offline data sets and the book's models
 ``train``              the explicit training loop with callbacks
 ``viz``, ``widgets``   figures, source display, live explorers

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from .masks import _original, _prunable_modules, prunable
-from .plumbing import (batch_size, batches, check_finite, check_loss_fn, check_number, check_positive_int, eval_mode, flatten,
-                       unflatten)
+from .plumbing import (attention_math, batch_size, batches, check_finite, check_loss_fn, check_number,
+                       check_positive_int, eval_mode, flatten, unflatten)
 
 #: Default relative damping of every second-order method: lambda = 0.01 * mean |diag H|, the ``percdamp`` of the
 #: OBC and SparseGPT reference code. On a trained digits MLP it was close to the best of 1e-4 ... 1 for "obs"
@@ -142,7 +142,7 @@ class _Functional:
         param_ids = {id(p): n for n, p in model.named_parameters()}
         self.keys, self.shapes = [], []
         for name, module in modules.items():
-            param = _original(module)
+            param = _original(module, name)
             if id(param) not in param_ids:
                 raise ValueError(f"the weight of {name} is not a parameter of the model")
             self.keys.append(param_ids[id(param)])
@@ -151,7 +151,7 @@ class _Functional:
         self.d = sum(self.sizes)
         self.fixed = {n: p.detach() for n, p in model.named_parameters() if n not in set(self.keys)}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
-        self.w0 = flatten({n: _original(modules[n]).detach() for n in self.names})
+        self.w0 = flatten({n: _original(modules[n], n).detach() for n in self.names})
 
     def split(self, flat):
         params = dict(self.fixed)
@@ -160,7 +160,8 @@ class _Functional:
         return params
 
     def loss(self, flat, inputs, targets):
-        out = torch.func.functional_call(self.model, (self.split(flat), self.buffers), (inputs,))
+        with attention_math(self.model):   # nn.MultiheadAttention without the fused kernel: 2nd derivatives exist
+            out = torch.func.functional_call(self.model, (self.split(flat), self.buffers), (inputs,))
         return self.loss_fn(out, targets)
 
     def sample_loss(self, flat, x, y):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .masks import _prunable_modules, apply_masks, get_masks
+from .masks import _attr, _original, _prunable_modules, apply_masks, get_masks
 
 try:  # torch.distributed is optional in some builds
     import torch.distributed as dist
@@ -60,17 +60,18 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, str]:
     return model, ""
 
 
-def _has_mask(module: nn.Module) -> bool:
-    if not parametrize.is_parametrized(module, "weight"):
+def _has_mask(module: nn.Module, name: str = "weight") -> bool:
+    attr = _attr(name)
+    if not parametrize.is_parametrized(module, attr):
         return False
-    return any(hasattr(p, "hard_mask") or type(p).__name__ == "Mask" for p in module.parametrizations["weight"])
+    return any(hasattr(p, "hard_mask") or type(p).__name__ == "Mask" for p in module.parametrizations[attr])
 
 
 def check_masks_attached(model: nn.Module, names: List[str], prefix: str = "module.") -> None:
     """Refuse to prune layers of a DDP-wrapped model that carry no mask yet (attaching one would re-register the
     weight under DDP); the message gives the documented way."""
     modules = _prunable_modules(model)
-    missing = [prefix + n for n in names if not _has_mask(modules[n])]
+    missing = [prefix + n for n in names if not _has_mask(modules[n], n)]
     if missing:
         raise ValueError(
             f"model is wrapped in DistributedDataParallel and layers {missing} have no mask yet: attaching one now "
@@ -153,8 +154,7 @@ def _broadcast_result(model, masks, weights, src: int, device):
 def _originals(model):
     out = {}
     for n, module in _prunable_modules(model).items():
-        out[n] = module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight") \
-            else module.weight
+        out[n] = _original(module, n)
     return out
 
 

@@ -295,6 +295,8 @@ def _baked_layers(model: nn.Module) -> Dict[str, nn.Module]:
         with torch.no_grad():
             out = {}
             for name, module in _prunable_modules(model).items():
+                if not isinstance(module, PRUNABLE_TYPES):   # attention in-projections stay as they are
+                    continue
                 stored = (module.parametrizations["weight"].original if parametrize.is_parametrized(module, "weight")
                           else module.weight)
                 weight = module.weight.detach().clone().requires_grad_(stored.requires_grad)
@@ -346,7 +348,7 @@ def to_sparse(model: nn.Module, format: str = "csr", *, blocksize: Tuple[int, in
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
-    names = list(_prunable_modules(model))
+    names = [n for n, m in _prunable_modules(model).items() if isinstance(m, PRUNABLE_TYPES)]
     if not names:
         raise ValueError("model has no Linear or Conv layers to convert")
     if layers is not None:

@@ -541,7 +541,7 @@ def storage_report(model: nn.Module, *, formats: Sequence[str] = SURVEY_FORMATS,
     rows = []
     with torch.no_grad():
         for name, module in modules.items():
-            weight = module.weight
+            weight = getattr(module, name.rsplit('.', 1)[-1])
             costs = {f: storage_bits(weight, f, value_bits=value_bits, index_bits=index_bits,
                                      delta_bits=delta_bits, block=block) for f in formats}
             best = min(formats, key=lambda f: costs[f])
@@ -641,7 +641,7 @@ def flops(model: nn.Module, inputs) -> FlopCount:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    modules = _prunable_modules(model)
+    modules = {n: m for n, m in _prunable_modules(model).items() if isinstance(m, PRUNABLE_TYPES)}
     if not modules:
         raise ValueError("model has no Linear or Conv layers to count")
     param = next(iter(model.parameters()))

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .curvature import DEFAULT_DAMP, _check_damp, _check_square, _inverse_pd, damping
-from .masks import _check_has_prunable, _original, _prunable_modules, prunable
+from .masks import _check_has_prunable, _original, _prunable_modules, _weight, prunable
 from .obs import _check_unstructured, _greedy_obs
 from .plumbing import (INPUT_LAYERS, batches, capture_inputs, check_bool, check_finite, check_input_layers,
                        check_positive_int, layer_rows, unfold_conv_input, weight_matrix)
@@ -368,14 +368,14 @@ def _layerwise(model, plan, data, solve, sequential: bool):
         if name not in targets:
             continue
         H = layer_hessians(work, items, [name], stop_early=True)[name] if sequential else hessians[name]
-        weight = _original(modules[name]).detach()
+        weight = _original(modules[name], name).detach()
         W2 = weight_matrix(weight)
         W_hat, keep = solve(W2, H, targets[name], plan.current[name].reshape(W2.shape))
         masks[name] = keep.reshape(weight.shape)
         weights[name] = W_hat.reshape(weight.shape).to(weight.dtype)
         if sequential:  # later layers see the outputs of this pruned layer
             with torch.no_grad():
-                _original(work_modules[name]).copy_(weights[name] * masks[name])
+                _original(work_modules[name], name).copy_(weights[name] * masks[name])
     return masks, weights
 
 
@@ -458,7 +458,7 @@ def wanda_input_norms(model: nn.Module, data, num_batches: Optional[int] = None)
     sq: Dict[str, torch.Tensor] = {}
 
     def record(name, module, x):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
             s = x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
         else:
             s = unfold_conv_input(module, x).double().pow(2).sum(1)        # (groups, in/groups * k)
@@ -483,9 +483,9 @@ def wanda(model: nn.Module, data, loss_fn=None, num_batches: Optional[int] = Non
     modules = _check_has_prunable(model)
     out = {}
     for n, m in modules.items():
-        w = m.weight.detach()
+        w = _weight(m, n).detach()
         rows = w.abs().reshape(w.shape[0], -1)
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
             s = rows * norms[n].to(rows)[None, :]
         else:
             group_of_row = torch.arange(w.shape[0], device=w.device) // (w.shape[0] // m.groups)

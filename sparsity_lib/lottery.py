@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .data import Task
-from .masks import _check_has_prunable, _prunable_modules, get_masks, prunable, remove_masks, set_weights
+from .masks import _attr, _check_has_prunable, _prunable_modules, get_masks, prunable, remove_masks, set_weights
 from .pruning import prune
 from .select import check_budget, check_sparsity, topk_mask
 from .train import fit, lr_multiplier
@@ -615,14 +615,14 @@ def edge_popup(model: nn.Module, data, sparsity: Union[float, Mapping[str, float
     for name in names:
         if name not in budget:
             continue
-        weight = modules[name].weight
+        weight = getattr(modules[name], _attr(name))
         fan_in = weight[0].numel()
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear's weights
         scores = (torch.rand(weight.shape, generator=generator) * 2 - 1).mul_(bound).to(weight)
         alive = current[name].to(weight.device)
         keep = min(weight.numel() - round(budget[name] * weight.numel()), int(alive.sum()))
         param = TopKSupermask(scores, alive, keep)
-        parametrize.register_parametrization(modules[name], "weight", param, unsafe=True)
+        parametrize.register_parametrization(modules[name], _attr(name), param, unsafe=True)
         score_params.append(param.scores)
     optimizer = torch.optim.SGD(score_params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     fit(net, task, epochs=epochs, optimizer=optimizer, batch_size=batch_size, lr_schedule=lr_schedule, seed=seed,

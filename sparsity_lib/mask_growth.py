@@ -31,7 +31,7 @@ def trainable(model: nn.Module) -> Dict[str, nn.Parameter]:
     (``<layer>.parametrizations.weight.original`` when the layer is masked, ``<layer>.weight`` otherwise)."""
     out = {}
     for name, module in _check_has_prunable(model).items():
-        param = _original(module)
+        param = _original(module, name)
         if not isinstance(param, nn.Parameter):
             raise ValueError(f"trainable: {name} is not a parameter but recomputed from others (e.g. by the "
                              "hook-based torch.nn.utils.weight_norm or spectral_norm): sparsity_lib cannot mask it")
@@ -57,7 +57,7 @@ def track_dense_gradients(model: nn.Module, enabled: bool = True) -> nn.Module:
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be True or False, got {enabled!r}")
-    layers = {name: _mask_module(m) for name, m in _check_has_prunable(model).items()}
+    layers = {name: _mask_module(m, name) for name, m in _check_has_prunable(model).items()}
     layers = {name: m for name, m in layers.items() if m is not None}
     if enabled and not layers:
         raise ValueError("track_dense_gradients: the model has no masked layer (apply masks first, e.g. with "
@@ -81,7 +81,7 @@ def dense_gradients(model: nn.Module) -> Dict[str, torch.Tensor]:
     """
     out = {}
     for name, module in _check_has_prunable(model).items():
-        mask = _mask_module(module)
+        mask = _mask_module(module, name)
         if mask is None or not mask.track_dense_grad:
             continue
         if mask._dense_grad is None:
@@ -121,7 +121,7 @@ def replace_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
         for name, value in init.items():
             if name not in ready:
                 raise ValueError(f"init: {name!r} is not a layer of masks ({list(ready)})")
-            shape = tuple(_original(modules[name]).shape)
+            shape = tuple(_original(modules[name], name).shape)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 raise ValueError(f"init[{name!r}] must be a tensor of the weight's shape {shape}, got "
                                  f"{tuple(getattr(value, 'shape', ())) or type(value).__name__}")
@@ -132,9 +132,9 @@ def replace_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
     revived = {}
     for name, mask in ready.items():
         module = modules[name]
-        own = _mask_module(module)
+        own = _mask_module(module, name)
         old = own.mask.clone() if own is not None else torch.ones_like(mask)
-        others = [p for p in _chain(module) if is_mask(p) and p is not own]
+        others = [p for p in _chain(module, name) if is_mask(p) and p is not own]
         for p in others:
             blocked = mask & ~p.hard_mask().to(mask.device)
             if blocked.any():
@@ -142,7 +142,7 @@ def replace_masks(model: nn.Module, masks: Mapping[str, torch.Tensor],
                                  f"{int(blocked.sum())} of the positions masks[{name!r}] keeps at zero")
         revived[name] = mask & ~old
     for name, mask in ready.items():
-        original = _original(modules[name])
+        original = _original(modules[name], name)
         apply_masks(model, {name: mask})
         if original.grad is not None:
             original.grad.mul_(mask.to(original.grad.dtype))

@@ -9,7 +9,21 @@ A mask is a boolean tensor shaped like the weight (``True`` = keep). It lives on
   parametrization can be removed cleanly with :func:`remove_masks`, which restores plain parameters and the
   dense ``state_dict`` keys.
 
-**The mask protocol.** Any parametrization of a prunable layer's ``weight`` that has a method
+**What is prunable.** Every weight *matrix* of the standard layers, by its dense name: the ``weight`` of
+``nn.Linear`` and ``nn.Conv1d/2d/3d`` (:data:`PRUNABLE_TYPES`) and the input projections of
+``nn.MultiheadAttention`` (:data:`ATTENTION_TYPES`): ``in_proj_weight`` (query, key and value rows stacked,
+``(3E, E)``), or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when key and value widths differ; the
+attention's ``out_proj`` is an ``nn.Linear``. So ``sl.prunable`` of an ``nn.TransformerEncoder`` lists
+``layers.0.self_attn.in_proj_weight``, ``layers.0.self_attn.out_proj.weight``, ``layers.0.linear1.weight``, ...,
+and sparsity is counted over all of them. Internally a prunable weight is a (module, attribute name) pair
+(:func:`prunable_entries`); the attribute is the last component of the name, and every function here reads and
+parametrizes that attribute (``layer.parametrizations.in_proj_weight.original`` is the stored tensor of a masked
+in-projection). PyTorch's attention forward (fast and slow path) reads the parametrized ``in_proj_weight``, so
+the mask applies there as everywhere. Methods that hook layer inputs or differentiate twice run attention through
+:func:`sparsity_lib.plumbing.attention_math` (plain tensor operations, ``out_proj`` called as a module).
+Biases, norms and embeddings are not prunable.
+
+**The mask protocol.** Any parametrization of a prunable weight that has a method
 ``hard_mask() -> bool tensor of the weight's shape`` is a mask: the library's :class:`Mask`, edge-popup's
 learned :class:`sparsity_lib.lottery.TopKSupermask`, gates. :func:`get_masks` returns the AND of a layer's hard
 masks; :func:`sparsity` and :func:`sparsity_report` count a weight as removed when a hard mask removes it or the
@@ -44,6 +58,30 @@ from torch.nn.utils import parametrize
 
 #: Layer types whose ``weight`` is prunable (fully connected and convolutional layers).
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: Attention layers whose input-projection matrices are prunable: ``in_proj_weight`` (query, key and value
+#: projections stacked, ``(3E, E)``), or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when the key and
+#: value widths differ (``_qkv_same_embed_dim`` False). Their ``out_proj`` is an ``nn.Linear`` (prunable as such).
+ATTENTION_TYPES = (nn.MultiheadAttention,)
+
+
+def weight_attributes(module: nn.Module) -> tuple:
+    """The names of ``module``'s own prunable weight attributes: ``("weight",)`` for Linear/Conv,
+    ``("in_proj_weight",)`` or ``("q_proj_weight", "k_proj_weight", "v_proj_weight")`` for
+    ``nn.MultiheadAttention``, ``()`` otherwise."""
+    if isinstance(module, PRUNABLE_TYPES):
+        return ("weight",)
+    if isinstance(module, ATTENTION_TYPES):
+        if module._qkv_same_embed_dim:
+            return ("in_proj_weight",)
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return ()
+
+
+def _attr(name: str) -> str:
+    """The attribute of a prunable name: ``"fc1.weight"`` -> ``"weight"``, ``"attn.in_proj_weight"`` ->
+    ``"in_proj_weight"``."""
+    return name.rsplit(".", 1)[-1]
 
 
 class Mask(nn.Module):
@@ -119,13 +157,24 @@ class Mask(nn.Module):
         return f"shape={tuple(self.mask.shape)}, kept={kept}/{self.mask.numel()}"
 
 
-def _prunable_modules(model: nn.Module) -> Dict[str, nn.Module]:
-    """{"fc1.weight": module} for every prunable layer, in module order."""
+def prunable_entries(model: nn.Module) -> Dict[str, tuple]:
+    """``{"fc1.weight": (module, "weight"), "attn.in_proj_weight": (attn, "in_proj_weight"), ...}``: every
+    prunable weight as a (module, attribute name) pair, by its dense name, in module order."""
     out = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, PRUNABLE_TYPES):
-            out[f"{module_name}.weight" if module_name else "weight"] = module
+        for attr in weight_attributes(module):
+            out[f"{module_name}.{attr}" if module_name else attr] = (module, attr)
     return out
+
+
+def _prunable_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """{"fc1.weight": module} for every prunable weight, in module order (the attribute is ``_attr(name)``)."""
+    return {name: module for name, (module, _) in prunable_entries(model).items()}
+
+
+def _weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The effective weight of a prunable entry (``name`` a dense name or an attribute name)."""
+    return getattr(module, _attr(name))
 
 
 def is_mask(parametrization) -> bool:
@@ -133,43 +182,46 @@ def is_mask(parametrization) -> bool:
     return callable(getattr(parametrization, "hard_mask", None))
 
 
-def _chain(module: nn.Module) -> list:
-    """The parametrizations of ``module.weight``, in order of application (empty when there are none)."""
-    if parametrize.is_parametrized(module, "weight"):
-        return list(module.parametrizations["weight"])
+def _chain(module: nn.Module, attr: str = "weight") -> list:
+    """The parametrizations of ``module.<attr>``, in order of application (empty when there are none)."""
+    attr = _attr(attr)
+    if parametrize.is_parametrized(module, attr):
+        return list(module.parametrizations[attr])
     return []
 
 
-def _mask_module(module: nn.Module) -> Mask | None:
-    """The library's own :class:`Mask` of a layer, if any."""
-    for p in _chain(module):
+def _mask_module(module: nn.Module, attr: str = "weight") -> Mask | None:
+    """The library's own :class:`Mask` of a layer's ``attr``, if any."""
+    for p in _chain(module, attr):
         if isinstance(p, Mask):
             return p
     return None
 
 
-def _original(module: nn.Module) -> torch.nn.Parameter:
-    """The underlying trainable tensor (``original`` when masked, ``weight`` otherwise)."""
-    if parametrize.is_parametrized(module, "weight"):
-        plist = module.parametrizations["weight"]
+def _original(module: nn.Module, attr: str = "weight") -> torch.nn.Parameter:
+    """The underlying trainable tensor of ``module.<attr>`` (``original`` when masked, the parameter otherwise);
+    ``attr`` may be a dense name (``"attn.in_proj_weight"``)."""
+    attr = _attr(attr)
+    if parametrize.is_parametrized(module, attr):
+        plist = module.parametrizations[attr]
         if not hasattr(plist, "original"):
             raise ValueError(f"the weight of this {type(module).__name__} is parametrized by "
                              f"{[type(p).__name__ for p in plist]} over several tensors "
                              f"({[k for k in plist._parameters]}): sparsity_lib cannot mask or read it")
         return plist.original
-    return module.weight
+    return getattr(module, attr)
 
 
 def _hard_mask(module: nn.Module, name: str = "weight") -> Optional[torch.Tensor]:
     """AND of the ``hard_mask()`` of every mask on the layer's weight (a new tensor); ``None`` if it has none."""
     out, shape = None, None
-    for p in _chain(module):
+    for p in _chain(module, name):
         if not is_mask(p):
             continue
         hard = p.hard_mask()
         if shape is None:
             with torch.no_grad():
-                shape = tuple(module.weight.shape)
+                shape = tuple(_weight(module, name).shape)
         if not isinstance(hard, torch.Tensor) or hard.dtype != torch.bool or tuple(hard.shape) != shape:
             raise TypeError(f"{type(p).__name__}.hard_mask() on {name} must return a bool tensor of the weight's "
                             f"shape {shape}, got "
@@ -179,16 +231,17 @@ def _hard_mask(module: nn.Module, name: str = "weight") -> Optional[torch.Tensor
     return out
 
 
-def _eval_weight(module: nn.Module) -> torch.Tensor:
+def _eval_weight(module: nn.Module, attr: str = "weight") -> torch.Tensor:
     """The layer's weight evaluated deterministically: its parametrizations in eval mode, no gradient."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return module.weight.detach()
-    plist = module.parametrizations["weight"]
+    attr = _attr(attr)
+    if not parametrize.is_parametrized(module, attr):
+        return getattr(module, attr).detach()
+    plist = module.parametrizations[attr]
     modes = [(m, m.training) for m in plist.modules()]
     plist.eval()
     try:
         with torch.no_grad():
-            return module.weight.detach().clone()
+            return getattr(module, attr).detach().clone()
     finally:
         for m, mode in modes:
             m.training = mode
@@ -196,12 +249,12 @@ def _eval_weight(module: nn.Module) -> torch.Tensor:
 
 def _masked_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     """The weight as a deterministic evaluation sees it: eval-mode weight times the hard mask."""
-    weight = _eval_weight(module)
+    weight = _eval_weight(module, name)
     hard = _hard_mask(module, name)
     return weight if hard is None else weight * hard.to(device=weight.device, dtype=weight.dtype)
 
 
-def _foreign(module: nn.Module) -> Optional[str]:
+def _foreign(module: nn.Module, attr: str = "weight") -> Optional[str]:
     """Why masks cannot be attached to this layer's weight (someone else's transform sits under it), or None."""
     from torch.nn.utils import prune as torch_prune
     from torch.nn.utils.spectral_norm import SpectralNorm
@@ -213,14 +266,15 @@ def _foreign(module: nn.Module) -> Optional[str]:
                     "spectral_norm or prune) that recomputes the weight in every forward pass; remove it first "
                     "(torch.nn.utils.remove_weight_norm / remove_spectral_norm / prune.remove) or use "
                     "torch.nn.utils.parametrizations.spectral_norm registered after the mask")
-    chain = _chain(module)
+    attr = _attr(attr)
+    chain = _chain(module, attr)
     if not chain:
         return None
-    plist = module.parametrizations["weight"]
+    plist = module.parametrizations[attr]
     if not hasattr(plist, "original"):
         return (f"its weight is parametrized by {[type(p).__name__ for p in chain]} over several tensors (e.g. "
                 "parametrizations.weight_norm): a mask cannot be placed under it; remove it first "
-                "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
+                f"(torch.nn.utils.parametrize.remove_parametrizations(layer, {attr!r}))")
     own = next((i for i, p in enumerate(chain) if isinstance(p, Mask)), len(chain))
     before = [type(p).__name__ for p in chain[:own] if not is_mask(p)]
     if before:
@@ -233,11 +287,14 @@ def _foreign(module: nn.Module) -> Optional[str]:
 def prunable(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The prunable weights of ``model``: ``{"fc1.weight": tensor, ...}`` by their dense names, in module order.
 
-    Prunable are the ``weight`` tensors of ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers; biases, norms and
-    embeddings are not. Each tensor is the *effective* weight (``original * mask`` when the layer is masked),
-    so pruned entries read as exact zeros.
+    Prunable are the ``weight`` tensors of ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers and the input
+    projections of ``nn.MultiheadAttention`` (``in_proj_weight``, shape ``(3E, E)``: query, key and value rows
+    stacked; or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when key and value widths differ); its
+    ``out_proj`` is a Linear layer. So every weight matrix of an ``nn.TransformerEncoder`` is prunable. Biases,
+    norms and embeddings are not. Each tensor is the *effective* weight (``original * mask`` when masked), so
+    pruned entries read as exact zeros.
     """
-    return {name: module.weight for name, module in _prunable_modules(model).items()}
+    return {name: getattr(module, attr) for name, (module, attr) in prunable_entries(model).items()}
 
 
 def _check_has_prunable(model: nn.Module) -> Dict[str, nn.Module]:
@@ -246,7 +303,7 @@ def _check_has_prunable(model: nn.Module) -> Dict[str, nn.Module]:
         raise ValueError(
             "model has no prunable weights: sparsity_lib prunes the 'weight' of "
             + ", ".join(t.__name__ for t in PRUNABLE_TYPES)
-            + " layers"
+            + " layers and the input projections of nn.MultiheadAttention"
         )
     return modules
 
@@ -259,12 +316,13 @@ def _shared_weights(model: nn.Module, modules: Mapping[str, nn.Module]) -> Dict[
     out = {}
     for name, module in modules.items():
         try:
-            param = _original(module)
+            param = _original(module, name)
         except ValueError:
             continue
         names = holders.get(id(param), [])
         if len(names) > 1:
-            own = {name, name[:-len("weight")] + "parametrizations.weight.original"}
+            attr = _attr(name)
+            own = {name, name[:-len(attr)] + f"parametrizations.{attr}.original"}
             out[name] = [n for n in names if n not in own]
     return {k: v for k, v in out.items() if v}
 
@@ -283,18 +341,18 @@ def _prepare_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]):
             raise TypeError(f"masks[{name!r}] must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise TypeError(f"masks[{name!r}] must have dtype torch.bool, got {mask.dtype}")
-        why = _foreign(modules[name])
+        why = _foreign(modules[name], name)
         if why:
             raise ValueError(f"masks[{name!r}]: cannot mask this layer: {why}")
-        if name in shared and (_mask_module(modules[name]) is not None or not bool(mask.all())):
+        if name in shared and (_mask_module(modules[name], name) is not None or not bool(mask.all())):
             raise ValueError(f"masks[{name!r}]: this weight is shared (tied) with {shared[name]}: a mask on one "
                              "of them would leave the other using (and training) the pruned values, so the model "
                              "would be less sparse than reported. Untie the weights (e.g. give each its own "
                              "nn.Parameter) or leave this layer out of masks / sl.prune's scope")
-        shape = tuple(_original(modules[name]).shape)
+        shape = tuple(_original(modules[name], name).shape)
         if tuple(mask.shape) != shape:
             raise ValueError(f"masks[{name!r}] has shape {tuple(mask.shape)}, the weight has shape {shape}")
-        device = _original(modules[name]).device
+        device = _original(modules[name], name).device
         try:
             ready[name] = mask.to(device=device)
         except Exception as error:  # noqa: BLE001 - e.g. a meta or unavailable device: a clear message
@@ -313,7 +371,7 @@ def check_maskable(model: nn.Module, names=None) -> None:
     for name in names:
         if name not in modules:
             raise ValueError(f"unknown layer name {name!r}; prunable weights are {list(modules)}")
-        why = _foreign(modules[name])
+        why = _foreign(modules[name], name)
         if why:
             raise ValueError(f"{name}: cannot mask this layer: {why}")
         if name in shared:
@@ -351,21 +409,24 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     modules, ready = _prepare_masks(model, masks)
     shared = _shared_weights(model, {n: modules[n] for n in ready})
     for name, mask in ready.items():
-        module = modules[name]
+        module, attr = modules[name], _attr(name)
         if name in shared:  # an all-True mask on a tied weight (refused otherwise): nothing to attach
             continue
-        existing = _mask_module(module)
+        existing = _mask_module(module, attr)
         if existing is not None:
             existing.mask.copy_(mask)
         else:
-            parametrize.register_parametrization(module, "weight", Mask(mask), unsafe=True)
-            _install_functional_setter(module)
+            # remember the parameters' order, so that remove_masks gives back the same state_dict key order
+            if attr in module._parameters:
+                module.__dict__.setdefault("_sl_parameter_order", list(module._parameters))
+            parametrize.register_parametrization(module, attr, Mask(mask), unsafe=True)
+            _install_functional_setter(module, attr)
         with torch.no_grad():
-            _original(module).mul_(mask)
+            _original(module, attr).mul_(mask)
     return model
 
 
-def _install_functional_setter(module: nn.Module) -> None:
+def _install_functional_setter(module: nn.Module, attr: str = "weight") -> None:
     """Let ``torch.func.functional_call`` address a masked weight by its dense name (``"fc1.weight"``).
 
     functional_call swaps tensors in with ``setattr(layer, "weight", value)``, reads back what is there, and
@@ -377,9 +438,9 @@ def _install_functional_setter(module: nn.Module) -> None:
     behaviour, and outside a swap the weight property is torch's own (no cost in a forward pass).
     """
     cls = type(module)
-    prop = cls.__dict__.get("weight")
+    prop = cls.__dict__.get(attr)
     if isinstance(prop, property) and prop.fset is not None and not getattr(prop.fset, "_sl_functional", False):
-        setattr(cls, "weight", property(prop.fget, _functional_setter(prop.fget, prop.fset)))
+        setattr(cls, attr, property(prop.fget, _functional_setter(prop.fget, prop.fset, attr)))
 
 
 def _from_swap(frame) -> bool:
@@ -387,9 +448,11 @@ def _from_swap(frame) -> bool:
         frame.f_globals.get("__name__", "").startswith("torch.nn.utils")
 
 
-def _functional_setter(torch_getter, torch_setter):
+def _functional_setter(torch_getter, torch_setter, attr: str = "weight"):
+    key = "_sl_functional_stack" if attr == "weight" else f"_sl_functional_stack_{attr}"
+
     def get_during_swap(self):
-        stack = self.__dict__.get("_sl_functional_stack")
+        stack = self.__dict__.get(key)
         if stack and _from_swap(sys._getframe(1)):
             return stack[-1][2]  # functional_call reads back the value it swapped in
         return torch_getter(self)
@@ -400,19 +463,19 @@ def _functional_setter(torch_getter, torch_setter):
             frame = frame.f_back
         if not _from_swap(frame):
             return torch_setter(self, value)
-        plist = self.parametrizations["weight"]
-        stack = self.__dict__.setdefault("_sl_functional_stack", [])
+        plist = self.parametrizations[attr]
+        stack = self.__dict__.setdefault(key, [])
         if stack and value is stack[-1][0]:  # the swap back: restore what was stored before
             plist._parameters["original"] = stack.pop()[1]
             if not stack:
-                setattr(type(self), "weight", property(torch_getter, set_weight))
+                setattr(type(self), attr, property(torch_getter, set_weight))
             return None
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(plist.original.shape):
             raise ValueError(f"functional_call: the value for a masked weight must be a tensor of shape "
                              f"{tuple(plist.original.shape)}, got {tuple(getattr(value, 'shape', ()))}")
         stack.append((frame.f_locals.get("orig_tensor"), plist._parameters["original"], value))
         plist._parameters["original"] = value
-        setattr(type(self), "weight", property(get_during_swap, set_weight))
+        setattr(type(self), attr, property(get_during_swap, set_weight))
         return None
 
     set_weight._sl_functional = True
@@ -429,19 +492,19 @@ def get_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     for name, module in _check_has_prunable(model).items():
         hard = _hard_mask(module, name)
-        out[name] = hard if hard is not None else torch.ones_like(module.weight, dtype=torch.bool)
+        out[name] = hard if hard is not None else torch.ones_like(_weight(module, name), dtype=torch.bool)
     return out
 
 
 def is_masked(model: nn.Module) -> bool:
     """Whether any prunable layer of ``model`` carries a mask (any parametrization with ``hard_mask()``)."""
-    return any(is_mask(p) for m in _prunable_modules(model).values() for p in _chain(m))
+    return any(is_mask(p) for n, m in _prunable_modules(model).items() for p in _chain(m, n))
 
 
 def _removal_plan(name: str, module: nn.Module):
     """How to take the masks off one layer: ``None`` (no mask), ``"all"`` (every parametrization of the weight is
     a mask) or ``k`` (the first ``k`` are masks, the rest a user's); raises if a mask follows a user's transform."""
-    chain = _chain(module)
+    chain = _chain(module, name)
     flags = [is_mask(p) for p in chain]
     if not any(flags):
         return None
@@ -453,7 +516,7 @@ def _removal_plan(name: str, module: nn.Module):
                          f"({[type(p).__name__ for p in chain]}): it cannot be baked into the stored weight "
                          "without removing the other one too; remove that parametrization first "
                          "(torch.nn.utils.parametrize.remove_parametrizations), then call remove_masks")
-    if not hasattr(module.parametrizations["weight"], "original"):  # pragma: no cover - masks take one tensor
+    if not hasattr(module.parametrizations[_attr(name)], "original"):  # pragma: no cover - masks take one tensor
         raise ValueError(f"remove_masks: {name}'s parametrizations take several tensors; cannot bake the mask")
     return k
 
@@ -477,9 +540,15 @@ def remove_masks(model: nn.Module) -> nn.Module:
         module = modules[name]
         if plan == "all":
             baked = _masked_weight(module, name)
-            _remove_weight_parametrization(module, baked)
-            # Linear and Conv register weight before bias: restore that order so state_dict keys read as before
-            module._parameters = {"weight": module._parameters.pop("weight"), **module._parameters}
+            attr = _attr(name)
+            _remove_weight_parametrization(module, baked, attr)
+            # restore the parameters' order (Linear and Conv: weight before bias) so state_dict keys read as before
+            order = module.__dict__.get("_sl_parameter_order") or [attr]
+            order = order if attr in order else [attr]
+            params = module._parameters
+            module._parameters = {**{k: params[k] for k in order if k in params}, **params}
+            if not parametrize.is_parametrized(module):
+                module.__dict__.pop("_sl_parameter_order", None)
         elif plan is not None:
             _bake_mask_prefix(module, plan, name)
     return model
@@ -487,7 +556,7 @@ def remove_masks(model: nn.Module) -> nn.Module:
 
 def _bake_mask_prefix(module: nn.Module, k: int, name: str) -> None:
     """Apply the first ``k`` parametrizations (all masks, in eval mode) to ``original`` and drop them."""
-    plist = module.parametrizations["weight"]
+    plist = module.parametrizations[_attr(name)]
     original = plist.original
     modes = [(m, m.training) for m in plist.modules()]
     plist.eval()
@@ -507,7 +576,7 @@ def _bake_mask_prefix(module: nn.Module, k: int, name: str) -> None:
         del plist[0]
 
 
-def _remove_weight_parametrization(module: nn.Module, baked: torch.Tensor) -> None:
+def _remove_weight_parametrization(module: nn.Module, baked: torch.Tensor, attr: str = "weight") -> None:
     """Turn a masked ``weight`` back into a plain parameter holding ``baked`` (the masked weight).
 
     ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the ``weight`` property from the module's
@@ -518,17 +587,25 @@ def _remove_weight_parametrization(module: nn.Module, baked: torch.Tensor) -> No
     hold it keep working.
     """
     plist = module.parametrizations
-    if list(plist.keys()) != ["weight"] or not hasattr(plist["weight"], "original"):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if not hasattr(plist[attr], "original"):   # pragma: no cover - masks take one tensor
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
         with torch.no_grad():
-            module.weight.copy_(baked)
+            getattr(module, attr).copy_(baked)
         return
-    original = plist["weight"].original
+    original = plist[attr].original
     with torch.no_grad():
         original.copy_(baked)
-    del module._modules["parametrizations"]
-    module.__class__ = module.__class__.__bases__[0]  # the class before parametrization, e.g. nn.Linear
-    module.register_parameter("weight", original)
+    cls = module.__class__
+    if list(plist.keys()) == [attr]:
+        del module._modules["parametrizations"]
+        module.__class__ = cls.__bases__[0]  # the class before parametrization, e.g. nn.Linear
+    else:
+        # other weights of this module stay parametrized (e.g. q/k/v_proj_weight of one attention layer): a new
+        # class for this instance alone, without the property of ``attr``
+        del plist[attr]
+        body = {k: v for k, v in cls.__dict__.items() if k not in (attr, "__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, body)
+    module.register_parameter(attr, original)
 
 
 def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
@@ -541,15 +618,15 @@ def set_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     for name, value in weights.items():
         if name not in modules:
             raise ValueError(f"weights: unknown layer name {name!r}; prunable weights are {list(modules)}")
-        original = _original(modules[name])
+        original = _original(modules[name], name)
         if tuple(value.shape) != tuple(original.shape):
             raise ValueError(f"weights[{name!r}] has shape {tuple(value.shape)}, expected {tuple(original.shape)}")
     with torch.no_grad():
         for name, value in weights.items():
             module = modules[name]
-            original = _original(module)
+            original = _original(module, name)
             original.copy_(value.to(original))
-            existing = _mask_module(module)
+            existing = _mask_module(module, name)
             if existing is not None:
                 original.mul_(existing.mask)
 
@@ -622,7 +699,7 @@ from .mask_growth import (OPTIMIZER_MOMENTS, dense_gradients, replace_masks, res
                           track_dense_gradients, trainable)
 
 __all__ = [
-    "Mask", "PRUNABLE_TYPES", "prunable", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity",
+    "Mask", "PRUNABLE_TYPES", "ATTENTION_TYPES", "weight_attributes", "prunable_entries", "prunable", "apply_masks", "get_masks", "remove_masks", "set_weights", "sparsity",
     "sparsity_report", "validate_masks", "check_maskable", "is_masked", "is_mask", "count_params", "trainable",
     "track_dense_gradients", "dense_gradients", "replace_masks", "reset_optimizer_state", "OPTIMIZER_MOMENTS",
     "frozen",

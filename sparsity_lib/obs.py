@@ -525,7 +525,7 @@ def obs_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEFAULT_DA
     if sum(quota.values()) == 0:
         return {n: plan.current[n].clone() for n in names}, None
     with torch.no_grad():
-        flat_w = flatten({n: _original(m).detach() for n, m in _prunable_modules(model).items()})
+        flat_w = flatten({n: _original(m, n).detach() for n, m in _prunable_modules(model).items()})
     check_finite(flat_w, "obs: the prunable weights")
     if hessian is not None:
         H = _check_square(hessian, d, "hessian").detach()
@@ -622,7 +622,7 @@ def woodfisher_pruner(model, plan, *, data=None, loss_fn=None, damp: float = DEF
     if sum(quota.values()) == 0:
         return {n: plan.current[n].clone() for n in names}, None
     with torch.no_grad():
-        flat_w = flatten({n: _original(m).detach() for n, m in _prunable_modules(model).items()})
+        flat_w = flatten({n: _original(m, n).detach() for n, m in _prunable_modules(model).items()})
     check_finite(flat_w, "woodfisher: the prunable weights")
     G = per_sample_gradients(model, data, loss_fn).to(torch.float64)
     check_finite(G, "woodfisher: the per-sample gradients", "The data, the loss or the weights produced NaN or inf "

@@ -12,6 +12,9 @@ share, so that each is implemented, validated and tested in one place:
 * :func:`capture_inputs`: run the model over batches and hand each named layer's input to a callback, through
   forward *pre*-hooks (the input exactly as the layer receives it), the hooks always removed, optionally stopping
   the forward pass once the last layer of interest was reached;
+* :func:`attention_math` / :func:`attention_forward`: ``nn.MultiheadAttention`` run in plain tensor operations
+  (``out_proj`` called as a module so that hooks fire, second derivatives available), and
+  :func:`projection_input`: the input an attention in-projection weight multiplies;
 * :func:`layer_rows` / :func:`unfold_conv_input`: the rows ``x`` such that a layer computes ``W_2d x`` (a Linear
   layer's input vectors; a convolution's unfolded im2col patches, any padding mode, per group);
 * :func:`flatten` / :func:`unflatten` / :func:`weight_matrix`: ``{name: tensor}`` to one flat vector and back
@@ -219,7 +222,10 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], items: It
 
     def make_hook(name):
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+            if isinstance(module, nn.MultiheadAttention):   # an in-projection weight: its own input
+                x = projection_input(module, name, args, kwargs)
+            else:
+                x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"the input of layer {name} is not a tensor ({type(x).__name__})")
             record(name, module, x.detach())
@@ -231,7 +237,7 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], items: It
 
     handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in modules.items()]
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), attention_math(model):
             for x, _ in items:
                 seen.clear()
                 try:
@@ -248,7 +254,7 @@ def capture_inputs(model: nn.Module, modules: Mapping[str, nn.Module], items: It
 
 # ============================================================================================ layer inputs
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d)
-INPUT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+INPUT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
 
 
 def unfold_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +285,8 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     convolutions have one set of rows per group: use :func:`unfold_conv_input`; here they raise ``ValueError``."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, module.in_features)
+    if isinstance(module, nn.MultiheadAttention):   # an in-projection's input (see projection_input)
+        return x.reshape(-1, x.shape[-1])
     if isinstance(module, CONV_LAYERS):
         if module.groups != 1:
             raise ValueError(f"this method supports convolutions with groups=1 only, got groups={module.groups}")
@@ -290,8 +298,150 @@ def check_input_layers(modules: Mapping[str, nn.Module], method: str, alternativ
     """Raise ``ValueError`` naming the first layer that is not Linear, Conv1d or Conv2d (before anything runs)."""
     for name, module in modules.items():
         if not isinstance(module, INPUT_LAYERS):
-            raise ValueError(f"{method} supports nn.Linear, nn.Conv1d and nn.Conv2d; {name} is a "
+            raise ValueError(f"{method} supports nn.Linear, nn.Conv1d, nn.Conv2d and the in-projections of "
+                             f"nn.MultiheadAttention; {name} is a "
                              f"{type(module).__name__}{f' ({alternative})' if alternative else ''}")
+
+
+# ============================================================================================ attention
+def _float_mask(mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """A boolean mask (``True`` = not allowed) as an additive float mask; a float mask as it is."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def attention_forward(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                      attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                      is_causal: bool = False):
+    """``nn.MultiheadAttention``'s forward pass written out in plain tensor operations:
+
+    .. math:: \\mathrm{softmax}\\big((x W_Q^T + b_Q)(x W_K^T + b_K)^T / \\sqrt{d_h} + M\\big)(x W_V^T + b_V)
+
+    per head, concatenated and passed through ``out_proj`` *called as a module* (so its hooks fire, unlike in
+    ``F.multi_head_attention_forward``). The in-projection reads ``mha.in_proj_weight`` (or ``q/k/v_proj_weight``),
+    masks included; ``bias_k``/``bias_v``, ``add_zero_attn``, boolean or float ``attn_mask`` (2-D or 3-D) and
+    ``key_padding_mask``, ``batch_first``, unbatched inputs and dropout (in training mode) as PyTorch does them.
+    Only differentiable elementary operations: second derivatives (GraSP, OBD) work, which the fused kernel of
+    PyTorch's fast path does not provide. Equal to PyTorch's forward to float rounding (tested).
+    """
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif mha.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    tgt_len, bsz, embed = query.shape
+    heads, head_dim = mha.num_heads, mha.head_dim
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q = b_k = b_v = None
+    if mha.in_proj_bias is not None:
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    if is_causal and attn_mask is None:
+        attn_mask = torch.ones(tgt_len, key.shape[0], dtype=torch.bool, device=query.device).triu(1)
+    attn_mask = _float_mask(attn_mask, q.dtype)
+    key_padding_mask = _float_mask(key_padding_mask, q.dtype)
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    if mha.bias_k is not None:
+        k = torch.cat([k, mha.bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, mha.bias_v.repeat(1, bsz, 1)])
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    q = q.reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1)
+    k = k.reshape(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
+    v = v.reshape(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
+    if mha.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(bsz * heads, 1, head_dim)], dim=1)
+        v = torch.cat([v, v.new_zeros(bsz * heads, 1, head_dim)], dim=1)
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    src_len = k.shape[1]
+    scores = q @ k.transpose(1, 2) / math.sqrt(head_dim)                       # (B*H, L, S)
+    if key_padding_mask is not None:
+        pad = key_padding_mask.reshape(bsz, 1, 1, src_len).expand(bsz, heads, 1, src_len)
+        scores = scores + pad.reshape(bsz * heads, 1, src_len)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    if mha.dropout > 0.0 and mha.training:
+        weights = F.dropout(weights, p=mha.dropout)
+    out = (weights @ v).transpose(0, 1).reshape(tgt_len, bsz, embed)
+    out = mha.out_proj(out)
+    if not batched:
+        out = out.squeeze(1)
+    elif mha.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    weights = weights.reshape(bsz, heads, tgt_len, src_len)
+    if average_attn_weights:
+        weights = weights.mean(dim=1)
+    if not batched:
+        weights = weights.squeeze(0)
+    return out, weights
+
+
+@contextlib.contextmanager
+def attention_math(model: nn.Module):
+    """Inside the block every ``nn.MultiheadAttention`` of ``model`` runs :func:`attention_forward` (plain tensor
+    operations, ``out_proj`` called as a module) and PyTorch's fused fast path of attention and transformer layers
+    is off (``torch.backends.mha.set_fastpath_enabled(False)``). Hooks on ``out_proj`` then fire, and second
+    derivatives exist. Everything is restored on exit; a model without attention is untouched."""
+    layers = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not layers:
+        yield model
+        return
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    saved = [(m, m.__dict__.get("forward")) for m in layers]
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        for m in layers:
+            m.forward = (lambda mod: lambda *args, **kwargs: attention_forward(mod, *args, **kwargs))(m)
+        yield model
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, forward in saved:
+            if forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = forward
+
+
+#: which argument of ``nn.MultiheadAttention.forward(query, key, value)`` each in-projection weight multiplies
+_PROJECTION_INPUT = {"q_proj_weight": (0, "query"), "k_proj_weight": (1, "key"), "v_proj_weight": (2, "value")}
+
+
+def _attention_argument(module: nn.Module, name: str, args, kwargs, position: int, key: str):
+    return args[position] if len(args) > position else kwargs.get(key)
+
+
+def projection_input(module: nn.Module, name: str, args, kwargs) -> torch.Tensor:
+    """The input that the prunable weight ``name`` of attention layer ``module`` multiplies, from the arguments of
+    ``module(query, key, value, ...)``: the query for ``in_proj_weight`` in self-attention (``query``, ``key`` and
+    ``value`` the same tensor); the query, key or value for ``q/k/v_proj_weight``. For ``in_proj_weight`` under
+    cross-attention (different tensors) the three row blocks multiply different inputs: ``ValueError`` naming the
+    layer."""
+    attr = name.rsplit(".", 1)[-1]
+    if attr in _PROJECTION_INPUT:
+        return _attention_argument(module, name, args, kwargs, *_PROJECTION_INPUT[attr])
+    query = _attention_argument(module, name, args, kwargs, 0, "query")
+    key = _attention_argument(module, name, args, kwargs, 1, "key")
+    value = _attention_argument(module, name, args, kwargs, 2, "value")
+    if key is not query or value is not query:
+        raise ValueError(f"{name}: this attention layer is called with different query, key and value tensors "
+                         "(cross-attention), so the query, key and value rows of in_proj_weight multiply different "
+                         "inputs; this method needs one input per layer: leave the layer out (exclude=[...]) or "
+                         "build the attention with kdim/vdim (separate q_proj_weight, k_proj_weight, v_proj_weight)")
+    return query
 
 
 # ============================================================================================ weights
@@ -322,5 +472,5 @@ def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor], dtype: bool 
 __all__ = [
     "check_positive_int", "check_number", "check_bool", "check_finite", "check_loss_fn", "model_device", "batches", "batch_size",
     "eval_mode", "capture_inputs", "unfold_conv_input", "layer_rows", "check_input_layers", "weight_matrix",
-    "flatten", "unflatten",
+    "flatten", "unflatten", "attention_forward", "attention_math", "projection_input",
 ]

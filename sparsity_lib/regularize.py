@@ -176,7 +176,7 @@ class Proximal:
         current = get_masks(state.model)
         with torch.no_grad():
             for name, module in _masks._prunable_modules(state.model).items():
-                w = _masks._original(module)
+                w = _masks._original(module, name)
                 if self.structure is None:
                     new = soft_threshold(w, delta)
                 else:
@@ -266,6 +266,12 @@ def _prepare_gates(model: nn.Module, layers) -> Dict[str, nn.Module]:
         if unknown:
             raise ValueError(f"layers: unknown layer names {unknown}; prunable weights are {list(modules)}")
         modules = {n: modules[n] for n in layers}
+        attention = [n for n in modules if _masks._attr(n) != "weight"]
+        if attention:
+            raise ValueError(f"layers: {attention} are attention input projections; L0 gates and variational "
+                             "dropout support the weight of Linear and Conv layers only")
+    else:
+        modules = {n: m for n, m in modules.items() if _masks._attr(n) == "weight"}
     for name, module in modules.items():
         chain = _masks._chain(module)
         if chain:

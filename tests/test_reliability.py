@@ -3,7 +3,7 @@
 Items covered here: 1 (the default loss only where meaningful; no selection from all-equal scores), 2 (structured
 selection never empties a layer unless allowed; the sparsity reported is the one reached), 6 (bad values: numpy
 scalars, a string loss_fn, one-shot generators, seed="abc", non-finite data and scores for every method), and 4
-(transformer layers: known gaps, xfail). Every refusal is checked to leave the model unchanged: state_dict,
+(transformer layers; in depth in test_transformers.py). Every refusal is checked to leave the model unchanged: state_dict,
 parametrizations, hooks, requires_grad, training flags and gradients.
 """
 
@@ -332,23 +332,19 @@ def test_bad_sync_is_refused(mlp):
     refuses(mlp, ValueError, "sync must be", 0.5, sync="all")
 
 
-# ------------------------------------------------------------------------ item 4: transformers (known gaps)
+# ------------------------------------------------------------------------ item 4: transformers
 def encoder(seed=0):
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 4: MultiheadAttention.in_proj_weight is not prunable "
-                                       "(masks.PRUNABLE_TYPES lists Linear/Conv only)")
 def test_attention_in_projection_is_prunable():
     model = encoder()
     names = list(sl.prunable(model))
     assert any(n.endswith("in_proj_weight") for n in names), names
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 4: sparsity is reported over Linear layers only, not over "
-                                       "every weight matrix of the encoder")
 def test_transformer_sparsity_counts_every_weight_matrix():
     model = encoder()
     sl.prune(model, 0.5)
@@ -358,9 +354,6 @@ def test_transformer_sparsity_counts_every_weight_matrix():
     assert zeros / total == pytest.approx(0.5, abs=0.01)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 4: PyTorch calls out_proj functionally "
-                                       "(F.multi_head_attention_forward), so hooks on its input never fire "
-                                       "(today a clear ValueError: 'were never called in the forward pass')")
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_input_hook_methods_work_on_out_proj(method):
     model = encoder()

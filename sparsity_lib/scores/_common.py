@@ -13,8 +13,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..masks import _check_has_prunable, _original
-from ..plumbing import batch_size, batches, check_loss_fn, check_positive_int, eval_mode, model_device  # noqa: F401  (re-exported)
+from ..masks import _check_has_prunable, _original, _weight
+from ..plumbing import attention_math, batch_size, batches, check_loss_fn, check_positive_int, eval_mode, model_device  # noqa: F401,E501
 
 
 def check_num_batches(num_batches, name: str = "num_batches") -> Optional[int]:
@@ -40,7 +40,7 @@ def scoring(model: nn.Module, with_biases: bool = False):
     survive as they are.
     """
     modules = _check_has_prunable(model)
-    params = [_original(m) for m in modules.values()]
+    params = list({id(p): p for p in (_original(m, n) for n, m in modules.items())}.values())
     if with_biases:
         params += [m.bias for m in modules.values() if isinstance(getattr(m, "bias", None), torch.Tensor)]
     requires = [p.requires_grad for p in params]
@@ -48,7 +48,7 @@ def scoring(model: nn.Module, with_biases: bool = False):
         try:
             for p in params:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), attention_math(model):   # attention as plain operations: hooks, 2nd order
                 yield modules
         finally:
             for p, r in zip(params, requires):
@@ -61,26 +61,26 @@ def weight_params(modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
     For a masked layer ``d L / d original = (d L / d W) * mask``, so pruned entries get a zero gradient, and the
     product ``g * w`` is the same whichever of the two is used (``w`` is zero there).
     """
-    return {n: _original(m) for n, m in modules.items()}
+    return {n: _original(m, n) for n, m in modules.items()}
 
 
 def effective_weights(modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
     """The weights the layers use (``original * mask``), detached."""
-    return {n: m.weight.detach() for n, m in modules.items()}
+    return {n: _weight(m, n).detach() for n, m in modules.items()}
 
 
 def broadcast_rows(neuron_scores: Dict[str, torch.Tensor], modules: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
     """Give every weight of output row / channel j the score of neuron j (shape of the weight)."""
     out = {}
     for n, v in neuron_scores.items():
-        shape = _original(modules[n]).shape
+        shape = _original(modules[n], n).shape
         out[n] = v.reshape((shape[0],) + (1,) * (len(shape) - 1)).expand(shape).clone()
     return out
 
 
 def layer_samples(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """Reshape a layer output to ``(samples, neurons)``: every token / spatial position is a sample."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
         return out.reshape(-1, out.shape[-1])
     # convolution: (B, C, *spatial) -> (B * spatial, C)
     return out.movedim(1, -1).reshape(-1, out.shape[1])

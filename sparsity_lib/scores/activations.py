@@ -31,8 +31,10 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from ._common import (batch_size, batches, broadcast_rows, check_loss_fn, layer_samples, neuron_sum_per_example,
+from ..plumbing import projection_input
+from ._common import (batch_size, batches, broadcast_rows, effective_weights, check_loss_fn, layer_samples, neuron_sum_per_example,
                       scoring, weighted_average)
 
 Activation = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
@@ -48,10 +50,34 @@ def _check_activation(activation: Activation) -> Callable:
     raise ValueError(f"activation must be 'relu', 'identity', None or a callable, got {activation!r}")
 
 
-def _forward_with_output_hooks(model, modules, x, fn):
-    """Run ``model(x)`` with a forward hook on every prunable layer calling ``fn(name, module, output)``."""
-    handles = [m.register_forward_hook(lambda mod, inp, out, name=name: fn(name, mod, out))
-               for name, m in modules.items()]
+def _projection_output(module: nn.MultiheadAttention, name: str, args, kwargs) -> torch.Tensor:
+    """The output ``x W^T + b`` of an attention in-projection weight (its "neurons"), from the layer's input."""
+    attr = name.rsplit(".", 1)[-1]
+    x = projection_input(module, name, args, kwargs)
+    bias = module.in_proj_bias
+    if bias is not None and attr != "in_proj_weight":
+        bias = bias.chunk(3)[("q_proj_weight", "k_proj_weight", "v_proj_weight").index(attr)]
+    return F.linear(x, getattr(module, attr), bias)
+
+
+def _forward_with_output_hooks(model, modules, x, fn, *, attention: bool = True):
+    """Run ``model(x)`` with a forward hook on every prunable layer calling ``fn(name, module, output)``.
+
+    For an in-projection of ``nn.MultiheadAttention`` the output is recomputed from the layer's input
+    (:func:`_projection_output`, not part of the graph of the model's output): with ``attention=False`` (for
+    methods that differentiate through it) such a layer is refused, naming it."""
+    handles = []
+    for name, m in modules.items():
+        if isinstance(m, nn.MultiheadAttention):
+            if not attention:
+                raise ValueError(f"{name}: this method differentiates the output with respect to each layer's "
+                                 "output, which PyTorch's attention does not expose for its in-projection; leave "
+                                 "the layer out (exclude=[...]) or use another method")
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, kwargs, name=name: fn(name, mod, _projection_output(mod, name, args, kwargs)),
+                with_kwargs=True))
+        else:
+            handles.append(m.register_forward_hook(lambda mod, inp, out, name=name: fn(name, mod, out)))
     try:
         return model(x)
     finally:
@@ -114,7 +140,8 @@ def output_sensitivity_per_neuron(model: nn.Module, data, num_batches: Optional[
         for x, _ in items:
             captured: Dict[str, list] = {}
             f = _forward_with_output_hooks(model, modules, x,
-                                           lambda name, mod, out: captured.setdefault(name, []).append(out))
+                                           lambda name, mod, out: captured.setdefault(name, []).append(out),
+                                           attention=False)
             missing = [n for n in modules if n not in captured]
             if missing:
                 raise ValueError(f"layers {missing} were never called in the forward pass of the model")
@@ -193,7 +220,7 @@ def neuron_scores(model: nn.Module, criterion: str, data=None, loss_fn=None, **o
         if options:
             raise TypeError(f"criterion 'l1_norm' takes no options, got {sorted(options)}")
         with scoring(model) as modules:
-            return {n: m.weight.detach().abs().reshape(m.weight.shape[0], -1).sum(1) for n, m in modules.items()}
+            return {n: m.detach().abs().reshape(m.shape[0], -1).sum(1) for n, m in effective_weights(modules).items()}
     if criterion == "taylor":
         from .first_order import taylor_per_neuron
 

@@ -299,9 +299,9 @@ def layer_connectivity(model: nn.Module, input_shape: Sequence[int]) -> dict:
         "connected": r > 0,
         "flow": r,
         "alive_neurons": {n: int((neuron_flow[n] > 0).sum()) if n in neuron_flow else 0 for n in modules},
-        "neurons": {n: int(_original(m).shape[0]) for n, m in modules.items()},
+        "neurons": {n: int(_original(m, n).shape[0]) for n, m in modules.items()},
         "alive_weights": {n: int((s > 0).sum()) for n, s in scores.items()},
-        "weights": {n: int(_original(m).numel()) for n, m in modules.items()},
+        "weights": {n: int(_original(m, n).numel()) for n, m in modules.items()},
     }
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..masks import _check_has_prunable, _original
+from ..masks import _check_has_prunable, _original, _weight
 from ._common import batches, broadcast_rows, check_loss_fn, effective_weights, scoring, weight_params
 
 
@@ -141,7 +141,7 @@ class MovementScore:
     def reset(self) -> None:
         """Forget the accumulated movement."""
         self.steps = 0
-        self._score = {n: torch.zeros_like(m.weight, dtype=torch.float32).detach()
+        self._score = {n: torch.zeros_like(_weight(m, n), dtype=torch.float32).detach()
                        for n, m in self._modules.items()}
 
     def on_after_backward(self, state=None) -> None:
@@ -153,9 +153,9 @@ class MovementScore:
         found = False
         with torch.no_grad():
             for n, m in self._modules.items():
-                g = _original(m).grad
+                g = _original(m, n).grad
                 if g is not None:
-                    self._score[n] -= (g * m.weight.detach()).to(torch.float32)
+                    self._score[n] -= (g * _weight(m, n).detach()).to(torch.float32)
                     found = True
         if not found:
             raise RuntimeError(
