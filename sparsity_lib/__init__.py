@@ -41,6 +41,7 @@ What lives where, one concept per file, in pipeline order:
                        head pruning and ``compact_heads``
 ``catalogue``          the one explicit list of every method (``sl.catalogue()``); ``sl.prune`` reads it
 ``experiments``        the runner: recipe x sparsities x seeds -> records (one-shot, gradual, IMP, at-init, ...)
+``benchmark``          chapter 14: every method on one task, model and budget, several seeds (resumable CSV)
 ``claims``             claim cells: check a literature claim, print its numbers, record it for "What held"
 ``compare``            mask overlap (IoU, agreement), what a method would prune
 ``formats``            storage costs of sparse formats (closed forms and exact counts)
