@@ -5,6 +5,7 @@
 #   make lab     set up .venv, open JupyterLab on chapters/
 #   make check-book   open every page of the built book in headless Chromium, offline (tools/check_book.py)
 #   make bench   set up .venv, print the timing tables of sparsity_lib.bench (masked training steps, chapters, OBC/SparseGPT)
+#   make full    execute the chapters at FULL scale into _build/full/, print runtime and pass/fail (CHAPTERS="10 12")
 #   make student write the student edition of the notebooks into _build/student (solutions replaced by stubs)
 #   make clean   remove the built book and caches (keeps .venv)
 #   make distclean   clean, and remove .venv too
@@ -38,7 +39,7 @@ LAB_FLAGS ?=
 # Jupyter refuses to start as root (common in containers) unless told so explicitly.
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: help setup test book check-book lab bench clean distclean
+.PHONY: help setup test book check-book lab bench full clean distclean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -92,6 +93,14 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	MPLBACKEND=Agg $(BIN)/python -m sparsity_lib.bench
+
+# FULL scale (bigger models, more epochs, more seeds; see sparsity_lib/config.py): every chapter, or those named in
+# CHAPTERS, executed one at a time in a fresh kernel, claim cells included; the executed notebooks (figures too: no
+# MPLBACKEND, as for the book) go to _build/full/. Exits non-zero if a chapter failed or ran past FULL_TIMEOUT.
+CHAPTERS ?=
+FULL_TIMEOUT ?= 14400
+full: $(STAMP)
+	env -u MPLBACKEND SPARSITY_SCALE=full $(BIN)/python tools/run_chapters.py --out _build/full --timeout $(FULL_TIMEOUT) $(CHAPTERS)
 
 # The student edition: every '# BEGIN SOLUTION' ... '# END SOLUTION' region of a cell tagged `solution` becomes
 # raise NotImplementedError("your turn: ..."), the checks stay, the exercises' solutions go (sparsity_lib/student.py).
