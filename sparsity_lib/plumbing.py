@@ -328,6 +328,7 @@ def attention_forward(mha: nn.MultiheadAttention, query: torch.Tensor, key: torc
     Only differentiable elementary operations: second derivatives (GraSP, OBD) work, which the fused kernel of
     PyTorch's fast path does not provide. Equal to PyTorch's forward to float rounding (tested).
     """
+    shared = key is query and value is query   # self-attention (before any reshaping makes new tensors)
     batched = query.dim() == 3
     if not batched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -337,14 +338,7 @@ def attention_forward(mha: nn.MultiheadAttention, query: torch.Tensor, key: torc
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     tgt_len, bsz, embed = query.shape
     heads, head_dim = mha.num_heads, mha.head_dim
-    if mha._qkv_same_embed_dim:
-        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    else:
-        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    b_q = b_k = b_v = None
-    if mha.in_proj_bias is not None:
-        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
-    q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    q, k, v = _in_projection(mha, query, key, value, shared)
     if is_causal and attn_mask is None:
         attn_mask = torch.ones(tgt_len, key.shape[0], dtype=torch.bool, device=query.device).triu(1)
     attn_mask = _float_mask(attn_mask, q.dtype)
@@ -388,6 +382,34 @@ def attention_forward(mha: nn.MultiheadAttention, query: torch.Tensor, key: torc
     if not batched:
         weights = weights.squeeze(0)
     return out, weights
+
+
+def _in_projection(mha: nn.MultiheadAttention, query, key, value, shared: bool):
+    """``q, k, v``; each projection's output ("its neurons") is handed to the callbacks in
+    ``mha.__dict__["_sl_projection_hooks"]`` (``{attribute: (layer name, fn(output))}``, set by scores that read
+    layer outputs), as the very tensor the attention goes on with (so derivatives with respect to it are
+    meaningful). ``shared``: query, key and value are one tensor (required for the stacked ``in_proj_weight``)."""
+    hooks = mha.__dict__.get("_sl_projection_hooks") or {}
+    b_q = b_k = b_v = None
+    if mha.in_proj_bias is not None:
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    if mha._qkv_same_embed_dim:
+        if "in_proj_weight" in hooks:   # one output for the stacked weight: the input must be shared
+            name, fn = hooks["in_proj_weight"]
+            if not shared:
+                raise ValueError(_cross_attention_message(name))
+            qkv = F.linear(query, mha.in_proj_weight, mha.in_proj_bias)
+            fn(qkv)
+            return qkv.chunk(3, dim=-1)
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    out = []
+    for attr, x, b in (("q_proj_weight", query, b_q), ("k_proj_weight", key, b_k), ("v_proj_weight", value, b_v)):
+        y = F.linear(x, getattr(mha, attr), b)
+        if attr in hooks:
+            hooks[attr][1](y)
+        out.append(y)
+    return tuple(out)
 
 
 @contextlib.contextmanager
@@ -437,11 +459,15 @@ def projection_input(module: nn.Module, name: str, args, kwargs) -> torch.Tensor
     key = _attention_argument(module, name, args, kwargs, 1, "key")
     value = _attention_argument(module, name, args, kwargs, 2, "value")
     if key is not query or value is not query:
-        raise ValueError(f"{name}: this attention layer is called with different query, key and value tensors "
-                         "(cross-attention), so the query, key and value rows of in_proj_weight multiply different "
-                         "inputs; this method needs one input per layer: leave the layer out (exclude=[...]) or "
-                         "build the attention with kdim/vdim (separate q_proj_weight, k_proj_weight, v_proj_weight)")
+        raise ValueError(_cross_attention_message(name))
     return query
+
+
+def _cross_attention_message(name: str) -> str:
+    return (f"{name}: this attention layer is called with different query, key and value tensors "
+            "(cross-attention), so the query, key and value rows of in_proj_weight multiply different "
+            "inputs; this method needs one input per layer: leave the layer out (exclude=[...]) or "
+            "build the attention with kdim/vdim (separate q_proj_weight, k_proj_weight, v_proj_weight)")
 
 
 # ============================================================================================ weights

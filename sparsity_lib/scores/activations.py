@@ -31,9 +31,7 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..plumbing import projection_input
 from ._common import (batch_size, batches, broadcast_rows, effective_weights, check_loss_fn, layer_samples, neuron_sum_per_example,
                       scoring, weighted_average)
 
@@ -50,32 +48,18 @@ def _check_activation(activation: Activation) -> Callable:
     raise ValueError(f"activation must be 'relu', 'identity', None or a callable, got {activation!r}")
 
 
-def _projection_output(module: nn.MultiheadAttention, name: str, args, kwargs) -> torch.Tensor:
-    """The output ``x W^T + b`` of an attention in-projection weight (its "neurons"), from the layer's input."""
-    attr = name.rsplit(".", 1)[-1]
-    x = projection_input(module, name, args, kwargs)
-    bias = module.in_proj_bias
-    if bias is not None and attr != "in_proj_weight":
-        bias = bias.chunk(3)[("q_proj_weight", "k_proj_weight", "v_proj_weight").index(attr)]
-    return F.linear(x, getattr(module, attr), bias)
-
-
-def _forward_with_output_hooks(model, modules, x, fn, *, attention: bool = True):
+def _forward_with_output_hooks(model, modules, x, fn):
     """Run ``model(x)`` with a forward hook on every prunable layer calling ``fn(name, module, output)``.
 
-    For an in-projection of ``nn.MultiheadAttention`` the output is recomputed from the layer's input
-    (:func:`_projection_output`, not part of the graph of the model's output): with ``attention=False`` (for
-    methods that differentiate through it) such a layer is refused, naming it."""
-    handles = []
+    An in-projection of ``nn.MultiheadAttention`` hands over its output ``x W^T + b`` (``q, k, v`` stacked) from
+    inside :func:`sparsity_lib.plumbing.attention_forward` (run under :func:`~sparsity_lib.plumbing.attention_math`,
+    which :func:`scoring` enters), as the tensor the attention goes on with."""
+    handles, attention = [], []
     for name, m in modules.items():
         if isinstance(m, nn.MultiheadAttention):
-            if not attention:
-                raise ValueError(f"{name}: this method differentiates the output with respect to each layer's "
-                                 "output, which PyTorch's attention does not expose for its in-projection; leave "
-                                 "the layer out (exclude=[...]) or use another method")
-            handles.append(m.register_forward_pre_hook(
-                lambda mod, args, kwargs, name=name: fn(name, mod, _projection_output(mod, name, args, kwargs)),
-                with_kwargs=True))
+            hooks = m.__dict__.setdefault("_sl_projection_hooks", {})
+            hooks[name.rsplit(".", 1)[-1]] = (name, lambda out, name=name, m=m: fn(name, m, out))
+            attention.append(m)
         else:
             handles.append(m.register_forward_hook(lambda mod, inp, out, name=name: fn(name, mod, out)))
     try:
@@ -83,6 +67,8 @@ def _forward_with_output_hooks(model, modules, x, fn, *, attention: bool = True)
     finally:
         for h in handles:
             h.remove()
+        for m in attention:
+            m.__dict__.pop("_sl_projection_hooks", None)
 
 
 def activation_statistics(model: nn.Module, data, activation: Activation = "relu",
@@ -137,11 +123,15 @@ def output_sensitivity_per_neuron(model: nn.Module, data, num_batches: Optional[
     acc: Dict[str, torch.Tensor] = {}
     total = 0
     with scoring(model) as modules:
+        attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+        if attention:
+            raise ValueError(f"{attention[0]}: output sensitivity of an attention in-projection is not supported "
+                             "(its q, k, v outputs are not reduced per neuron here); leave the layer out "
+                             "(exclude=[...]) or use another method")
         for x, _ in items:
             captured: Dict[str, list] = {}
             f = _forward_with_output_hooks(model, modules, x,
-                                           lambda name, mod, out: captured.setdefault(name, []).append(out),
-                                           attention=False)
+                                           lambda name, mod, out: captured.setdefault(name, []).append(out))
             missing = [n for n in modules if n not in captured]
             if missing:
                 raise ValueError(f"layers {missing} were never called in the forward pass of the model")
