@@ -100,7 +100,7 @@ bench: $(STAMP)
 CHAPTERS ?=
 FULL_TIMEOUT ?= 14400
 full: $(STAMP)
-	env -u MPLBACKEND SPARSITY_SCALE=full $(BIN)/python tools/run_chapters.py --out _build/full --timeout $(FULL_TIMEOUT) $(CHAPTERS)
+	env -u MPLBACKEND SPARSITY_SCALE=full $(BIN)/python -m sparsity_lib.bench.chapters --out _build/full --timeout $(FULL_TIMEOUT) $(CHAPTERS)
 
 # The student edition: every '# BEGIN SOLUTION' ... '# END SOLUTION' region of a cell tagged `solution` becomes
 # raise NotImplementedError("your turn: ..."), the checks stay, the exercises' solutions go (sparsity_lib/student.py).

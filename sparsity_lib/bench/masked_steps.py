@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
@@ -122,29 +121,17 @@ def step_table(steps: int, warmup: int, threads: Sequence[int]) -> str:
 
 # ------------------------------------------------------------------------------------------ chapter timing
 def chapter_table(folder: pathlib.Path, timeout: int = 600) -> str:
-    notebooks = sorted(folder.glob("*.ipynb"))
+    """Every chapter of ``folder`` executed from scratch with :func:`sparsity_lib.bench.chapters.run_one`."""
+    from .chapters import run_one, select
+
+    notebooks = select(folder, [])
     if not notebooks:
         return f"No notebooks in {folder}/ yet."
-    import nbformat
-    from nbclient import NotebookClient
-
     lines = ["Chapters executed from scratch (nbclient, kernel python3).", "",
              "| notebook | wall time (s) | status |", "|---|---:|---|"]
-    env_path = str(pathlib.Path(__file__).resolve().parent.parent.parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (env_path, os.environ.get("PYTHONPATH", "")) if p)
     for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}})
-        start = time.perf_counter()
-        try:
-            client.execute()
-            status = "ok"
-        except Exception as error:  # report the failure and go on with the next chapter
-            message = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # drop the terminal colours
-            status = f"failed: {type(error).__name__}: {message.splitlines()[-1][:100] if message else ''}"
-        elapsed = time.perf_counter() - start
-        lines.append(f"| {path.name} | {elapsed:.1f} | {status} |")
+        outcome, elapsed = run_one(path, timeout=timeout)
+        lines.append(f"| {path.name} | {elapsed:.1f} | {outcome} |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 

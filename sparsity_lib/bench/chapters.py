@@ -1,7 +1,8 @@
-"""Execute chapter notebooks one at a time and print each one's runtime and outcome (``make full``).
+"""Execute chapter notebooks one at a time and print each one's runtime and outcome (``make full``; the chapter
+table of ``make bench`` uses :func:`run_one` too).
 
-    SPARSITY_SCALE=full python tools/run_chapters.py --out _build/full            # every chapter
-    SPARSITY_SCALE=full python tools/run_chapters.py --out _build/full 10 12      # chapters 10 and 12
+    SPARSITY_SCALE=full python -m sparsity_lib.bench.chapters --out _build/full            # every chapter
+    SPARSITY_SCALE=full python -m sparsity_lib.bench.chapters --out _build/full 10 12      # chapters 10 and 12
 
 The scale is whatever ``SPARSITY_SCALE`` says (``make full`` sets ``full``); the executed notebooks, outputs
 included, are written to ``--out`` (also when a cell fails: the notebook then stops at the failing cell). A
@@ -23,7 +24,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent   # the repository (chapters/, sparsity_lib/)
 
 
 def select(chapters_dir: Path, wanted: list[str]) -> list[Path]:
@@ -51,8 +52,14 @@ def first_error(nb) -> str:
     return ""
 
 
-def run_one(path: Path, out_dir: Path, timeout: float) -> tuple[str, float]:
-    """Execute one notebook in a fresh kernel (working directory: chapters/); return (outcome, seconds)."""
+def run_one(path: Path, out_dir: Path | None = None, timeout: float = 4 * 3600) -> tuple[str, float]:
+    """Execute one notebook in a fresh kernel (working directory: its folder); return (outcome, seconds).
+
+    ``outcome`` is ``"passed"``, ``"FAILED cell N: Ename: value"`` or ``"TIMEOUT after T s"``. The kernel imports
+    this checkout's ``sparsity_lib`` (put first on ``PYTHONPATH``). With ``out_dir``, the executed notebook, outputs
+    included, is written there (also when a cell failed).
+    """
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=None, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
@@ -68,8 +75,9 @@ def run_one(path: Path, out_dir: Path, timeout: float) -> tuple[str, float]:
         late = time.perf_counter() - start >= timeout
         outcome = f"TIMEOUT after {timeout:.0f} s" if late else "FAILED the kernel died"
     seconds = time.perf_counter() - start
-    out_dir.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, out_dir / path.name)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, out_dir / path.name)
     return outcome, seconds
 
 
