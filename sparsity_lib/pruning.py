@@ -349,6 +349,15 @@ def _scores_of(job) -> Dict[str, torch.Tensor]:
     missing = [n for n in job["names"] if n not in layer_scores and n not in job["plan"].exclude]
     if missing:
         raise ValueError(f"method {spec.name!r} returned no scores for {missing}")
+    # +inf on a whole layer is a score's "I cannot score this layer" (bn_scale: no batch norm after it;
+    # head_importance: not an attention projection), not a failure: say so, and what to pass
+    unscored = [n for n, s in layer_scores.items() if n in job["current"] and n not in job["plan"].exclude
+                and s.numel() and bool(torch.isposinf(s).all())]
+    if unscored:
+        raise ValueError(
+            f"method {spec.name!r} cannot score the layers {unscored} (it gives them +inf: {spec.description}) "
+            f"and does not say how much to remove from them. Pass exclude={unscored} (scope='global') to keep "
+            f"them as they are, or choose a method that scores every layer; nothing was changed")
     return {n: s.detach() for n, s in layer_scores.items() if n in job["current"]}
 
 

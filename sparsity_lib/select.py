@@ -187,7 +187,9 @@ def _best_group(group_scores: torch.Tensor, group_alive: torch.Tensor) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------- selection
-def _check_scores(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]):
+def _check_scores(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor], skip=()):
+    """Names, types, shapes and finiteness of ``scores``; layers in ``skip`` (excluded, never read) are not
+    checked for finiteness."""
     for name, s in scores.items():
         if name not in current:
             raise ValueError(f"scores: unknown layer name {name!r}; prunable weights are {list(current)}")
@@ -195,6 +197,8 @@ def _check_scores(scores: Mapping[str, torch.Tensor], current: Mapping[str, torc
             raise TypeError(f"scores[{name!r}] must be a torch.Tensor, got {type(s).__name__}")
         if tuple(s.shape) != tuple(current[name].shape):
             raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}, the weight has {tuple(current[name].shape)}")
+        if name in skip:
+            continue
         finite = torch.isfinite(s.detach())
         if not bool(finite.all()):
             bad = s.detach()[~finite]
@@ -314,7 +318,7 @@ def global_masks(scores: Mapping[str, torch.Tensor], current: Mapping[str, torch
     """
     structure = check_structure(structure)
     _check_flag(allow_empty_layers, "allow_empty_layers")
-    _check_scores(scores, current)
+    _check_scores(scores, current, skip=set(exclude))
     names = [n for n in scores if n not in set(exclude)]
     total = sum(current[n].numel() for n in current)
     already = sum(int((~current[n]).sum()) for n in current)

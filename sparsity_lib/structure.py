@@ -453,7 +453,13 @@ def l1_filter(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def _bn_after(model: nn.Module) -> Dict[str, str]:
     """``{layer weight name: batch norm module name}`` for each Conv/Linear whose output goes straight into a BN."""
-    gm = fx.symbolic_trace(_baked_copy(model))
+    try:
+        gm = fx.symbolic_trace(_baked_copy(model))
+    except Exception as err:  # fx cannot trace data-dependent Python (e.g. nn.TransformerEncoder's fast-path checks)
+        raise ValueError(
+            f"method 'bn_scale' reads which layer feeds which batch norm from a torch.fx trace of the model, and "
+            f"{type(model).__name__} cannot be traced ({type(err).__name__}: {err}). Use a channel score that needs "
+            f"no trace: method='l1_filter' or method='taylor_channel'.") from err
     found = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _NORMS):

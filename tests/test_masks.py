@@ -180,3 +180,49 @@ def test_remove_masks_keeps_the_parameter_object(mlp):
     sl.remove_masks(mlp)
     assert mlp[0].weight is original
     assert any(p is original for group in optimizer.param_groups for p in group["params"])
+
+
+# ------------------------------------------------------------------------------ the masked weight's fast getter
+def _torch_weight(layer, attr="weight"):
+    """The masked weight as torch's own parametrization machinery computes it (ParametrizationList called)."""
+    return layer.parametrizations[attr]()
+
+
+def test_fast_getter_equals_torch_getter_values_and_gradients(mlp):
+    sl.apply_masks(mlp, random_masks(mlp, 0.6, seed=4))
+    layer = mlp[0]
+    assert getattr(type(layer).__dict__["weight"].fget, "_sl_fast", False)
+    fast, slow = layer.weight, _torch_weight(layer)
+    assert torch.equal(fast, slow)
+    original = layer.parametrizations.weight.original
+    g_fast, = torch.autograd.grad(fast.sum() * 3, original)
+    g_slow, = torch.autograd.grad(slow.sum() * 3, original)
+    assert torch.equal(g_fast, g_slow)
+    assert torch.equal(g_fast, 3 * layer.parametrizations.weight[0].mask.float())   # closed form: 3 * mask
+
+
+def test_fast_getter_honours_hooks_cache_and_later_parametrizations(mlp):
+    sl.apply_masks(mlp, random_masks(mlp, 0.5, seed=5))
+    layer = mlp[0]
+    mask_module = layer.parametrizations.weight[0]
+    calls = []
+    handle = mask_module.register_forward_hook(lambda m, args, out: calls.append(1))
+    layer.weight
+    assert calls == [1]                      # a hook on the mask module is called: torch's path is taken
+    handle.remove()
+    global_handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(2))
+    try:
+        layer.weight
+    finally:
+        global_handle.remove()
+    assert 2 in calls                        # global module hooks see the parametrization call too
+    with torch.nn.utils.parametrize.cached():
+        assert layer.weight is layer.weight  # parametrize.cached() still caches
+    assert layer.weight is not layer.weight
+    # a user's parametrization after the mask composes: weight = 2 * (original * mask)
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Double())
+    original = layer.parametrizations.weight.original
+    assert torch.equal(layer.weight, 2 * original * mask_module.mask)

@@ -244,3 +244,28 @@ def test_flops_closed_form():
     model = ConvChain()
     expected = 8 * 3 * 9 * 64 + 6 * 8 * 9 * 64 + 96 * 12 + 12 * 5
     assert st.flops(model, torch.randn(2, 3, 8, 8)) == expected
+
+
+def test_bn_scale_through_prune_names_unscored_layers_and_prunes_the_others_when_excluded():
+    """bn_scale gives +inf to a layer with no batch norm after it (the residual CNN's classifier): sl.prune
+    refuses, naming that layer and the exclude= that helps; with it, only the BN-followed layers lose channels,
+    and those are the channels of smallest |gamma| (an independent ranking of the BN scales)."""
+    model = _randomize_bn(sl.models.residual_cnn(channels=8, hidden=6, num_blocks=1, seed=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'bn_scale' cannot score the layers \['fc.weight'\].*exclude=\['fc.weight'\]"):
+        sl.prune(model, 0.3, "bn_scale", structure="neuron")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not any(hasattr(m, "parametrizations") for m in model.modules())
+    sl.prune(model, 0.3, "bn_scale", structure="neuron", exclude=["fc.weight"])
+    masks = sl.get_masks(model)
+    assert bool(masks["fc.weight"].all())
+    bn_of = {"stem.weight": model.stem_bn, "blocks.0.conv1.weight": model.blocks[0].bn1,
+             "blocks.0.conv2.weight": model.blocks[0].bn2}
+    removed_any = False
+    for name, bn in bn_of.items():
+        rows = masks[name].reshape(masks[name].shape[0], -1).any(1)
+        gamma = bn.weight.detach().abs()
+        if bool((~rows).any()):
+            removed_any = True
+            assert float(gamma[~rows].max()) <= float(gamma[rows].min()), name   # smallest |gamma| go first
+    assert removed_any
+    assert 0.29 <= sl.sparsity(model) <= 0.32

@@ -316,3 +316,11 @@ def test_masked_encoder_equals_dense_encoder_with_masked_weights(training):
     out.sum().backward()
     grad = masked.layers[0].self_attn.parametrizations.in_proj_weight.original.grad
     assert grad is not None and not bool(grad[~masks["layers.0.self_attn.in_proj_weight"]].any())
+
+
+def test_bn_scale_refuses_an_encoder_without_batch_norm_naming_the_layers():
+    model = classifier(layers=1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"method 'bn_scale' cannot score the layers \[.*in_proj_weight.*\].*exclude="):
+        sl.prune(model, 0.5, "bn_scale", structure="neuron")
+    assert_unchanged(before, model)
