@@ -16,6 +16,8 @@ What lives where, one concept per file, in pipeline order:
 =====================  ===========================================================================================
 ``masks``              masks as parametrizations; any parametrization with ``hard_mask()`` is a mask (learned
                        supermasks, gates); reading, attaching, removing; foreign transforms and tied weights refused
+``mask_property``      the masked weight's property: a fast getter (``original * mask``), ``functional_call``
+                       by the dense name
 ``mask_growth``        masks that change during training: dense gradients, ``replace_masks`` (revival),
                        optimizer-state reset (re-exported by ``masks``)
 ``select``             scores -> masks: top-k, global / layer-wise scopes, neurons, blocks, N:M, ``drop_and_grow``

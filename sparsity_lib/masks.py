@@ -49,12 +49,13 @@ Survey §2.1 (model sparsity) and §3 (what to prune). Defined for Chapter 01, u
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from .mask_property import install_weight_property
 
 #: Layer types whose ``weight`` is prunable (fully connected and convolutional layers).
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -101,6 +102,8 @@ class Mask(nn.Module):
 
     # class-level defaults: masks pickled whole before the dense-gradient mode existed still load and run
     track_dense_grad = False
+    #: the weight property may call ``_masked`` directly (sparsity_lib.mask_property); subclasses opt in again
+    _sl_plain_mask = True
     _dense_grad: Optional[torch.Tensor] = None
     _generation, _grad_generation = 0, -1
 
@@ -427,112 +430,10 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
             if attr in module._parameters:
                 module.__dict__.setdefault("_sl_parameter_order", list(module._parameters))
             parametrize.register_parametrization(module, attr, Mask(mask), unsafe=True)
-            _install_functional_setter(module, attr)
+            install_weight_property(module, attr)
         with torch.no_grad():
             _original(module, attr).mul_(mask)
     return model
-
-
-def _install_functional_setter(module: nn.Module, attr: str = "weight") -> None:
-    """Let ``torch.func.functional_call`` address a masked weight by its dense name (``"fc1.weight"``).
-
-    functional_call swaps tensors in with ``setattr(layer, "weight", value)``, reads back what is there, and
-    swaps the old value back in the same way. On a parametrized weight, torch turns the assignment into
-    ``right_inverse`` (which a mask does not have). For assignments made by functional_call's swap only, the
-    value passed stands in for the stored weight ``original`` during the call (the masks still apply: a masked
-    model never uses a pruned weight, and gradients flow to the value), functional_call reads back the value
-    it passed, and the swap back restores the model's own ``Parameter``. Any other assignment keeps torch's
-    behaviour, and outside a swap the weight property is torch's own (no cost in a forward pass).
-    """
-    cls = type(module)
-    prop = cls.__dict__.get(attr)
-    if isinstance(prop, property) and prop.fset is not None and not getattr(prop.fset, "_sl_functional", False):
-        getter = _fast_getter(prop.fget, attr)
-        setattr(cls, attr, property(getter, _functional_setter(getter, prop.fset, attr)))
-
-
-def _plain_call_path() -> bool:
-    """True when calling a parametrization module is exactly calling its ``forward``: no parametrization cache,
-    no tracing or compiling, no global module hooks (``nn.Module.__call__``'s own fast-path condition)."""
-    hooks = _module_globals
-    return not (parametrize._cache_enabled or _tracing_state() is not None or _is_compiling()
-                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
-
-
-_module_globals = sys.modules[nn.Module.__module__]   # torch.nn.modules.module: its global hook registries
-_tracing_state = torch._C._get_tracing_state
-_is_compiling = torch.compiler.is_compiling
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _fast_getter(torch_getter, attr: str = "weight"):
-    """The masked weight's property getter: ``original * mask`` without torch's generic machinery.
-
-    torch's getter calls the ``ParametrizationList`` module, whose forward looks each further parametrization up
-    by ``hasattr`` (an exception per call) and calls each through ``nn.Module.__call__``: about 10 us per weight
-    read, which made a masked training step of LeNet-300-100 15% slower than a dense one (and slower than
-    ``torch.nn.utils.prune``'s hooks). When the weight's only parametrization is a library :class:`Mask` without
-    hooks, and nothing that ``nn.Module.__call__`` would honour is active (:func:`_plain_call_path`), this calls
-    :meth:`Mask.forward` on the stored weight directly: the same tensor operation, the same autograd graph.
-    Everything else (a user's parametrization after the mask, ``parametrize.cached()``, compiling, tracing,
-    hooks) takes torch's getter.
-    """
-
-    def get(self):
-        plist = self._modules["parametrizations"]._modules[attr]
-        chain = plist._modules
-        if len(chain) == 1 and _plain_call_path() and not _has_hooks(plist):
-            mask, original = chain["0"], plist._parameters.get("original")
-            if type(mask) is Mask and original is not None and not _has_hooks(mask):
-                return mask._masked(original)
-        return torch_getter(self)
-
-    get._sl_fast = True
-    return get
-
-
-def _from_swap(frame) -> bool:
-    return frame is not None and frame.f_code.co_name == "swap_tensor" and \
-        frame.f_globals.get("__name__", "").startswith("torch.nn.utils")
-
-
-def _functional_setter(torch_getter, torch_setter, attr: str = "weight"):
-    key = "_sl_functional_stack" if attr == "weight" else f"_sl_functional_stack_{attr}"
-
-    def get_during_swap(self):
-        stack = self.__dict__.get(key)
-        if stack and _from_swap(sys._getframe(1)):
-            return stack[-1][2]  # functional_call reads back the value it swapped in
-        return torch_getter(self)
-
-    def set_weight(self, value):
-        frame = sys._getframe(1)  # nn.Module.__setattr__, then the caller of setattr
-        if frame.f_code.co_name == "__setattr__":
-            frame = frame.f_back
-        if not _from_swap(frame):
-            return torch_setter(self, value)
-        plist = self.parametrizations[attr]
-        stack = self.__dict__.setdefault(key, [])
-        if stack and value is stack[-1][0]:  # the swap back: restore what was stored before
-            plist._parameters["original"] = stack.pop()[1]
-            if not stack:
-                setattr(type(self), attr, property(torch_getter, set_weight))
-            return None
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(plist.original.shape):
-            raise ValueError(f"functional_call: the value for a masked weight must be a tensor of shape "
-                             f"{tuple(plist.original.shape)}, got {tuple(getattr(value, 'shape', ()))}")
-        stack.append((frame.f_locals.get("orig_tensor"), plist._parameters["original"], value))
-        plist._parameters["original"] = value
-        setattr(type(self), attr, property(get_during_swap, set_weight))
-        return None
-
-    set_weight._sl_functional = True
-    return set_weight
 
 
 def get_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
