@@ -21,6 +21,9 @@ BAD = """<html><head><script src="https://cdn.example.org/lib.js"></script></hea
 <pre>Traceback (most recent call last):
   File "x.py", line 1</pre>
 <script>console.error("boom")</script>
+<p>See <span class="xref std std-numref">fig-ch01-missing</span>, <a href="#top2"><span class="std std-numref">Fig. 7</span></a>,
+<a href="#top2"><span class="std std-numref">Fig. 3.2</span></a> (another chapter's: fine).</p>
+<div class="math" id="top2"><span class="eqno">(4)<a class="headerlink" href="#top2">#</a></span></div>
 </main></body></html>"""
 GOOD = """<html><body><main><p id="top">Fine: it costs $5 and $10.</p><a href="#top">up</a>
 <a href="../index.html">home</a></main></body></html>"""
@@ -37,8 +40,10 @@ def test_the_check_reports_every_kind_of_defect(tmp_path, capsys):
     for expected in ["non-local request https://cdn.example.org/lib.js", "raw math in the text: '$w_i^2$'",
                      "raw math in the text: '\\\\(x\\\\)'", "broken image missing.png", "broken link nowhere.html",
                      "missing anchor #no-such-anchor", "traceback", "console error: boom",
-                     "without a kernel-free explorer"]:
+                     "without a kernel-free explorer", "unresolved cross-reference 'fig-ch01-missing'",
+                     "number not of this chapter's form: 'Fig. 7'", "number not of this chapter's form: '(4)'"]:
         assert expected in bad, (expected, bad)
     assert "without a kernel-free explorer" in out.split("chapters/02_good.html")[1]   # a chapter needs one
+    assert "Fig. 3.2" not in bad
     assert "index.html: ok" in out and status == 1
     assert (tmp_path / "_screenshots" / "chapters__01_bad.png").is_file()

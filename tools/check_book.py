@@ -11,7 +11,9 @@ a local file is blocked and reported. A page fails on:
 * a broken image, or an internal link to a missing file or a missing ``#anchor``;
 * a Python traceback, or an ipywidgets placeholder (a widget view that needs a kernel or a CDN);
 * on a chapter page: no kernel-free explorer (:func:`sparsity_lib.widgets.static_explorer`), or one whose control,
-  when moved, does not change the figure.
+  when moved, does not change the figure;
+* a cross-reference left unresolved (``{eq}``, ``{numref}``, ``{ref}`` to a missing label), or, on chapter NN's page,
+  an equation, figure or exercise number that is not of the chapter's own form (NN.k) (tools/book_numbers.py).
 
 A full-page screenshot of every page goes to ``<build>/_screenshots/`` for a person to look at, and a table of page
 sizes (HTML bytes, and everything the page loaded from ``_static/``) is printed. Exit status 1 on any failure.
@@ -156,6 +158,9 @@ def check_page(context, path: Path, root: Path, shots: Path):
           widgets: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"], ' +
                                              '.jupyter-widgets-disconnected, .widget-subarea:empty').length,
           explorers: [...document.querySelectorAll('div.sl-static-explorer')].map(d => d.id),
+          unresolved: [...main.querySelectorAll('.xref')].filter(e => !e.closest('a')).map(e => e.textContent.slice(0, 60)),
+          numbers: [...main.querySelectorAll('span.eqno, span.caption-number, a span.std-numref')]
+                      .map(e => e.textContent.replace(/[#\u00b6]/g, '').replace(/\s+/g, ' ').trim()),
         };
     }""")
     problems += [f"console error: {text[:200]}" for text in console]
@@ -168,8 +173,15 @@ def check_page(context, path: Path, root: Path, shots: Path):
         problems.append(f"a Python traceback / error output is shown ({info['errors']} error outputs)")
     if info["widgets"] or any(t in info["fulltext"] for t in WIDGET_TEXT):
         problems.append(f"ipywidgets placeholder(s) in the page ({info['widgets']} widget views)")
+    problems += [f"unresolved cross-reference {text!r}" for text in sorted(set(info["unresolved"]))]
     moved = []
     is_chapter = path.parent.name == "chapters"
+    chapter = re.match(r"(\d+)_", path.name) if is_chapter else None
+    if chapter:
+        own = re.compile(rf"^(\({int(chapter.group(1))}\.\d+\)|(Fig\.|Table|Listing|Exercise) {int(chapter.group(1))}\.\d+\b)")
+        other = sorted({n for n in info["numbers"] if not own.match(n) and not n.startswith("Section")})
+        cross = [n for n in other if re.match(r"^(Fig\.|Exercise) \d+\.\d+", n)]   # another chapter's, by label
+        problems += [f"number not of this chapter's form: {n!r}" for n in other if n not in cross]
     if is_chapter and not info["explorers"]:
         problems.append("chapter page without a kernel-free explorer (sl.widgets.static_explorer)")
     for div_id in info["explorers"]:
