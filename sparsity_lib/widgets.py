@@ -571,7 +571,23 @@ def static_explorer(controls: Mapping[str, Sequence], traces: Callable[..., Sequ
                          template="simple_white", font={"size": 13}, legend={"font": {"size": 12}})
     if layout:
         figure.update_layout(**layout)
+    if sliders:
+        _fit_slider_labels(figure, [label[names[-1]](v) for v in controls[names[-1]]])
     return StaticExplorer(figure, names, combinations, groups)
+
+
+def _fit_slider_labels(figure, labels: Sequence[str]) -> None:
+    """Widen the figure's left and right margins so that the slider's first and last labels fit inside it.
+
+    Plotly centres each step's label under its tick and the slider spans the plotting area, so half of the first
+    and of the last label stick out beyond it; with no legend beside the plot (a choice that shows one trace)
+    a long last label ("accuracy density") was cut off at the right edge of the figure, and so of the page. The
+    width of a label is estimated generously (0.6 font sizes per character); margins the caller set larger stay.
+    """
+    size = figure.layout.font.size or 13
+    half = [0.6 * size * len(str(text)) / 2 + 6 for text in (labels[0], labels[-1])]
+    margin = figure.layout.margin
+    figure.update_layout(margin={"l": max(margin.l or 0, round(half[0])), "r": max(margin.r or 0, round(half[1]))})
 
 
 __all__ = ["Explorer", "sweep", "curves", "pruning_explorer", "structure_label", "static_explorer"]

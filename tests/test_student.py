@@ -58,8 +58,20 @@ def _run_hands_on(nb, monkeypatch, tmp_path):
 WITH_HANDS_ON = [p for p in CHAPTERS if any("solution" in _tags(c) for c in json.loads(p.read_text())["cells"])]
 
 
-def test_some_chapters_have_hands_on_cells():
-    assert len(WITH_HANDS_ON) >= 5, [p.name for p in WITH_HANDS_ON]
+# Hands-on cells each chapter must have (issue 17: two to four "your turn" cells per chapter). Chapter 11 has one
+# for now; its second is being added on another branch: raise it to 2 when that lands.
+MIN_HANDS_ON = {"11": 1}
+
+
+def test_every_chapter_has_hands_on_cells():
+    assert len(CHAPTERS) >= 14, [p.name for p in CHAPTERS]
+    short = {}
+    for path in CHAPTERS:
+        solutions = [c for c in json.loads(path.read_text())["cells"] if "solution" in _tags(c)]
+        want = MIN_HANDS_ON.get(path.name[:2], 2)
+        if len(solutions) < want:
+            short[path.name] = f"{len(solutions)} hands-on cells, want >= {want}"
+    assert not short, short
 
 
 @pytest.mark.parametrize("path", WITH_HANDS_ON, ids=lambda p: p.stem)
