@@ -94,3 +94,17 @@ def test_one_control_of_names_is_a_dropdown_without_slider():
     ex = sl.widgets.static_explorer({"method": ["magnitude", "random"]}, lambda method: traces(method, 0.9))
     assert ex.figure.layout.sliders == () and len(ex.figure.layout.updatemenus[0].buttons) == 2
     assert ex.figure.layout.updatemenus[0].buttons[1].args[0]["visible"] == ex.visible(method="random")
+
+
+def test_long_end_labels_of_the_slider_fit_in_the_margins():
+    """Plotly centres a slider label under its tick, so half of the last label sticks out right of the plot:
+    the right margin must hold it (chapter 14's "accuracy density" was cut off), and a wider caller margin stays."""
+    ex = sl.widgets.static_explorer({"family": ["a", "b"], "metric": ["accuracy", "accuracy density"]},
+                                    lambda family, metric: [{"y": [1, 2]}])
+    assert ex.figure.layout.sliders
+    size = ex.figure.layout.font.size
+    assert ex.figure.layout.margin.r >= 0.5 * 0.5 * size * len("accuracy density")
+    assert ex.figure.layout.margin.l >= 0.5 * 0.5 * size * len("accuracy")
+    wide = sl.widgets.static_explorer({"family": ["a", "b"], "metric": ["a", "b"]}, lambda family, metric: [{"y": [1]}],
+                                      margin={"l": 200, "r": 150})
+    assert (wide.figure.layout.margin.l, wide.figure.layout.margin.r) == (200, 150)
