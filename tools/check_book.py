@@ -160,7 +160,7 @@ def check_page(context, path: Path, root: Path, shots: Path):
           explorers: [...document.querySelectorAll('div.sl-static-explorer')].map(d => d.id),
           unresolved: [...main.querySelectorAll('.xref')].filter(e => !e.closest('a')).map(e => e.textContent.slice(0, 60)),
           numbers: [...main.querySelectorAll('span.eqno, span.caption-number, a span.std-numref')]
-                      .map(e => e.textContent.replace(/[#\u00b6]/g, '').replace(/\s+/g, ' ').trim()),
+                      .map(e => e.textContent.replace(/[#\\u00b6]/g, '').replace(/\\s+/g, ' ').trim()),
         };
     }""")
     problems += [f"console error: {text[:200]}" for text in console]
