@@ -58,9 +58,8 @@ def _run_hands_on(nb, monkeypatch, tmp_path):
 WITH_HANDS_ON = [p for p in CHAPTERS if any("solution" in _tags(c) for c in json.loads(p.read_text())["cells"])]
 
 
-# Hands-on cells each chapter must have (issue 17: two to four "your turn" cells per chapter). Chapter 11 has one
-# for now; its second is being added on another branch: raise it to 2 when that lands.
-MIN_HANDS_ON = {"11": 1}
+# Hands-on cells each chapter must have (issue 17: two to four "your turn" cells per chapter).
+MIN_HANDS_ON = 2
 
 
 def test_every_chapter_has_hands_on_cells():
@@ -68,7 +67,7 @@ def test_every_chapter_has_hands_on_cells():
     short = {}
     for path in CHAPTERS:
         solutions = [c for c in json.loads(path.read_text())["cells"] if "solution" in _tags(c)]
-        want = MIN_HANDS_ON.get(path.name[:2], 2)
+        want = MIN_HANDS_ON
         if len(solutions) < want:
             short[path.name] = f"{len(solutions)} hands-on cells, want >= {want}"
     assert not short, short
