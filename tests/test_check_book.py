@@ -23,6 +23,7 @@ BAD = """<html><head><script src="https://cdn.example.org/lib.js"></script></hea
 <script>console.error("boom")</script>
 <p>See <span class="xref std std-numref">fig-ch01-missing</span>, <a href="#top2"><span class="std std-numref">Fig. 7</span></a>,
 <a href="#top2"><span class="std std-numref">Fig. 3.2</span></a> (another chapter's: fine).</p>
+<div class="math" id="wide" style="overflow-x: auto"><span style="display: inline-block; width: 4000px">a long line</span></div>
 <div class="math" id="top2"><span class="eqno">(4)<a class="headerlink" href="#top2">#</a></span></div>
 </main></body></html>"""
 GOOD = """<html><body><main><p id="top">Fine: it costs $5 and $10.</p><a href="#top">up</a>
@@ -41,7 +42,8 @@ def test_the_check_reports_every_kind_of_defect(tmp_path, capsys):
                      "raw math in the text: '\\\\(x\\\\)'", "broken image missing.png", "broken link nowhere.html",
                      "missing anchor #no-such-anchor", "traceback", "console error: boom",
                      "without a kernel-free explorer", "unresolved cross-reference 'fig-ch01-missing'",
-                     "number not of this chapter's form: 'Fig. 7'", "number not of this chapter's form: '(4)'"]:
+                     "number not of this chapter's form: 'Fig. 7'", "number not of this chapter's form: '(4)'",
+                     "display equation wider than the column (scrolls sideways): 'wide a long line'"]:
         assert expected in bad, (expected, bad)
     assert "without a kernel-free explorer" in out.split("chapters/02_good.html")[1]   # a chapter needs one
     assert "Fig. 3.2" not in bad

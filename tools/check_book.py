@@ -12,6 +12,7 @@ a local file is blocked and reported. A page fails on:
 * a Python traceback, or an ipywidgets placeholder (a widget view that needs a kernel or a CDN);
 * on a chapter page: no kernel-free explorer (:func:`sparsity_lib.widgets.static_explorer`), or one whose control,
   when moved, does not change the figure;
+* a display equation wider than the text column (it would scroll sideways: split it over lines);
 * a cross-reference left unresolved (``{eq}``, ``{numref}``, ``{ref}`` to a missing label), or, on chapter NN's page,
   an equation, figure or exercise number that is not of the chapter's own form (NN.k) (tools/book_numbers.py).
 
@@ -158,6 +159,9 @@ def check_page(context, path: Path, root: Path, shots: Path):
           widgets: document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"], ' +
                                              '.jupyter-widgets-disconnected, .widget-subarea:empty').length,
           explorers: [...document.querySelectorAll('div.sl-static-explorer')].map(d => d.id),
+          wide_math: [...main.querySelectorAll('div.math')].filter(d => [d, ...d.querySelectorAll('mjx-container')]
+                          .some(e => e.scrollWidth > e.clientWidth + 2))
+                        .map(d => (d.id || '') + ' ' + d.textContent.replace(/\\s+/g, ' ').slice(0, 60)),
           unresolved: [...main.querySelectorAll('.xref')].filter(e => !e.closest('a')).map(e => e.textContent.slice(0, 60)),
           numbers: [...main.querySelectorAll('span.eqno, span.caption-number, a span.std-numref')]
                       .map(e => e.textContent.replace(/[#\\u00b6]/g, '').replace(/\\s+/g, ' ').trim()),
@@ -173,6 +177,7 @@ def check_page(context, path: Path, root: Path, shots: Path):
         problems.append(f"a Python traceback / error output is shown ({info['errors']} error outputs)")
     if info["widgets"] or any(t in info["fulltext"] for t in WIDGET_TEXT):
         problems.append(f"ipywidgets placeholder(s) in the page ({info['widgets']} widget views)")
+    problems += [f"display equation wider than the column (scrolls sideways): {m!r}" for m in info["wide_math"]]
     problems += [f"unresolved cross-reference {text!r}" for text in sorted(set(info["unresolved"]))]
     moved = []
     is_chapter = path.parent.name == "chapters"
