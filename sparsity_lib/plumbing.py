@@ -22,7 +22,7 @@ share, so that each is implemented, validated and tested in one place:
 * :func:`check_positive_int`, :func:`check_number`, :func:`check_bool`, :func:`check_finite`: argument checks whose
   messages name the argument and the allowed values.
 
-Defined with the split of the second-order code (issue 9); used from Chapter 05 on.
+Used from Chapter 05 on.
 """
 
 from __future__ import annotations

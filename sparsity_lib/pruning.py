@@ -3,7 +3,7 @@
 Defined in Chapter 01 and extended by every chapter that adds a method (through the registry of
 :mod:`sparsity_lib.scores`).
 
-Every argument is validated here, before anything changes (issue 10, "no silent wrong results"): the sparsity
+Every argument is validated here, before anything changes (no silent wrong results): the sparsity
 (numpy scalars accepted), the method and its options (``seed`` must be an integer), ``loss_fn`` (a callable; the
 default cross-entropy only where the targets are class indices that fit the outputs), ``data`` (a one-shot
 generator is read once and kept, non-finite values refused), scores and new weights (finite), structured

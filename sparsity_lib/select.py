@@ -18,7 +18,7 @@ different fan-in under global selection.
 Selection is cumulative: weights already masked stay masked and count towards the target, so
 ``prune(model, 0.9)`` after ``prune(model, 0.5)`` ends at 90% sparsity, never below.
 
-Guards against silent wrong results (issue 10):
+Guards against silent wrong results:
 
 * scores must be finite: NaN or inf in any layer raises ``ValueError`` naming the layer (N:M included);
 * scores that are all equal carry no ranking: when a selection would have to choose *some but not all* of a set of
