@@ -13,7 +13,8 @@ a local file is blocked and reported. A page fails on:
 * on a chapter page: no kernel-free explorer (:func:`sparsity_lib.widgets.static_explorer`), or one whose control,
   when moved, does not change the figure;
 * a display equation wider than the text column (it would scroll sideways: split it over lines);
-* a cross-reference left unresolved (``{eq}``, ``{numref}``, ``{ref}`` to a missing label), or, on chapter NN's page,
+* a cross-reference of the book left unresolved (``{eq}``, ``{numref}``, ``{ref}``, ``{doc}`` to a missing target;
+  Python-domain references of the API page, ``:func:`` and the like, are not checked), or, on chapter NN's page,
   an equation, figure or exercise number that is not of the chapter's own form (NN.k) (tools/book_numbers.py).
 
 A full-page screenshot of every page goes to ``<build>/_screenshots/`` for a person to look at, and a table of page
@@ -162,7 +163,7 @@ def check_page(context, path: Path, root: Path, shots: Path):
           wide_math: [...main.querySelectorAll('div.math')].filter(d => [d, ...d.querySelectorAll('mjx-container')]
                           .some(e => e.scrollWidth > e.clientWidth + 2))
                         .map(d => (d.id || '') + ' ' + d.textContent.replace(/\\s+/g, ' ').slice(0, 60)),
-          unresolved: [...main.querySelectorAll('.xref')].filter(e => !e.closest('a')).map(e => e.textContent.slice(0, 60)),
+          unresolved: [...main.querySelectorAll('.xref:not(.py)')].filter(e => !e.closest('a')).map(e => e.textContent.slice(0, 60)),
           numbers: [...main.querySelectorAll('span.eqno, span.caption-number, a span.std-numref')]
                       .map(e => e.textContent.replace(/[#\\u00b6]/g, '').replace(/\\s+/g, ' ').trim()),
         };
