@@ -41,9 +41,9 @@ from .masks import _original, _prunable_modules, prunable
 from .plumbing import (attention_math, batch_size, batches, check_finite, check_loss_fn, check_number,
                        check_positive_int, eval_mode, flatten, unflatten)
 
-#: Default relative damping of every second-order method: lambda = 0.01 * mean |diag H|, the ``percdamp`` of the
-#: OBC and SparseGPT reference code. On a trained digits MLP it was close to the best of 1e-4 ... 1 for "obs"
-#: (on |H|) and "woodfisher" at 50-90% sparsity.
+#: Default relative damping of every second-order method: ``lambda = 0.01 * mean(|diag H|)``, the ``percdamp`` of
+#: the OBC and SparseGPT reference code. On a trained digits MLP it was close to the best of 1e-4 ... 1 for "obs"
+#: (on ``|H|``) and "woodfisher" at 50-90% sparsity.
 DEFAULT_DAMP = 0.01
 #: The exact d x d loss Hessian (and with it exact OBS) is refused above this many prunable weights.
 HESSIAN_MAX_PARAMS = 6000
