@@ -24,7 +24,9 @@ from torch.nn.utils import parametrize
 
 
 def install_weight_property(module: nn.Module, attr: str = "weight") -> None:
-    """Let ``torch.func.functional_call`` address a masked weight by its dense name (``"fc1.weight"``).
+    """Replace torch's property of a freshly masked weight by the library's: the fast getter
+    (:func:`_fast_getter`), and a setter that lets ``torch.func.functional_call`` address the masked weight by its
+    dense name (``"fc1.weight"``).
 
     functional_call swaps tensors in with ``setattr(layer, "weight", value)``, reads back what is there, and
     swaps the old value back in the same way. On a parametrized weight, torch turns the assignment into
@@ -32,7 +34,7 @@ def install_weight_property(module: nn.Module, attr: str = "weight") -> None:
     value passed stands in for the stored weight ``original`` during the call (the masks still apply: a masked
     model never uses a pruned weight, and gradients flow to the value), functional_call reads back the value
     it passed, and the swap back restores the model's own ``Parameter``. Any other assignment keeps torch's
-    behaviour, and outside a swap the weight property is torch's own (no cost in a forward pass).
+    behaviour.
     """
     cls = type(module)
     prop = cls.__dict__.get(attr)

@@ -138,9 +138,10 @@ class Mask(nn.Module):
         # read the buffers from their dict: a Module's ``self.mask`` goes through ``__getattr__`` (slow per call)
         buffers = self._buffers
         mask, multiplier = buffers["mask"], buffers["multiplier"]
-        if self._synced != (mask.data_ptr(), mask._version) or multiplier.dtype != weight.dtype:
+        version = (mask.data_ptr(), mask._version)
+        if self._synced != version or multiplier.dtype != weight.dtype:
             multiplier = buffers["multiplier"] = mask.to(device=weight.device, dtype=weight.dtype)
-            self._synced = self._mask_version()
+            self._synced = version
         out = weight * multiplier
         if self.track_dense_grad and out.requires_grad:
             self._watch(out)

@@ -324,3 +324,13 @@ def test_bn_scale_refuses_an_encoder_without_batch_norm_naming_the_layers():
     with pytest.raises(ValueError, match=r"method 'bn_scale' cannot score the layers \[.*in_proj_weight.*\].*exclude="):
         sl.prune(model, 0.5, "bn_scale", structure="neuron")
     assert_unchanged(before, model)
+
+
+def test_bn_scale_refuses_an_untraceable_model_naming_the_alternatives():
+    """nn.TransformerEncoder's forward cannot be traced by torch.fx, which bn_scale needs to find the batch norm
+    after each layer: a clear ValueError naming the scores that need no trace, and the model unchanged."""
+    model = encoder(layers=1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"method 'bn_scale'.*cannot be traced.*'l1_filter'.*'taylor_channel'"):
+        sl.prune(model, 0.5, "bn_scale", structure="neuron")
+    assert_unchanged(before, model)
